@@ -1,0 +1,44 @@
+# Thin wrappers; each target prints the commands it runs.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CHAPTER ?= 00
+PROFILE ?= book
+SEED    ?= 0
+NOTEBOOK = $(firstword $(wildcard notebooks/$(CHAPTER)*.ipynb))
+OUT     ?= runs/$(basename $(notdir $(NOTEBOOK)))-$(PROFILE).ipynb
+
+.PHONY: setup book test lint reproduce results clean
+
+# The virtual environment, created on first use (and refreshed when pyproject.toml changes).
+setup: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e ".[book,dev]"
+	touch $@
+
+# The browsable book in _build/html (renders the notebooks' stored outputs).
+book: setup
+	$(BIN)/jupyter-book build . --warningiserror --keep-going
+
+# Lint, unit tests, and every notebook at the ci profile.
+test: setup lint
+	OSD_PROFILE=ci $(BIN)/python -m pytest --nbval-lax --nbval-current-env tests notebooks
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# Run one chapter through papermill: make reproduce CHAPTER=00 PROFILE=gpu [SEED=1] [OUT=...]
+reproduce: setup
+	@test -n "$(NOTEBOOK)" || (echo "no notebook matches notebooks/$(CHAPTER)*.ipynb" && exit 2)
+	mkdir -p $(dir $(OUT))
+	$(BIN)/papermill $(NOTEBOOK) $(OUT) -p profile $(PROFILE) -p seed $(SEED)
+
+# Regenerate the results tables of README.md and book/results.md from results/*.json.
+results: setup
+	$(BIN)/python -m osdlib.results
+
+clean:
+	rm -rf _build runs

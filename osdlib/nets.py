@@ -1,0 +1,172 @@
+"""Networks. Every generator/denoiser here has the signature ``net(x, t, y=None)``:
+
+* ``x``: a batch of points or images, ``t``: flow time in [0, 1], shape (B,),
+* ``y``: optional integer class labels, shape (B,),
+
+and returns a tensor shaped like ``x`` (a velocity for flow models).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters (frozen ones, e.g. of an EMA copy, included)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
+    """Sinusoidal features of ``t`` (scaled by 1000 so that t in [0, 1] spans many periods)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+class TimeMLP(nn.Module):
+    """A time- (and optionally class-) conditioned MLP on vectors or flattened images.
+
+    ``shape`` is the per-sample shape, e.g. ``(2,)`` for 2-D toys or ``(1, 8, 8)`` for digits.
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, ...] = (2,),
+        hidden: int = 256,
+        depth: int = 3,
+        time_dim: int = 64,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.shape = tuple(shape)
+        self.num_classes = num_classes
+        dim = math.prod(self.shape)
+        self.time_dim = time_dim
+        self.time = nn.Sequential(nn.Linear(time_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.label = nn.Embedding(num_classes, hidden) if num_classes else None
+        self.inp = nn.Linear(dim, hidden)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden)) for _ in range(depth - 1)
+        )
+        self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        h = self.inp(x.reshape(len(x), -1))
+        cond = self.time(timestep_embedding(t.reshape(-1).expand(len(x)), self.time_dim))
+        if self.label is not None:
+            if y is None:
+                raise ValueError("this network is class-conditional: pass labels y")
+            cond = cond + self.label(y)
+        h = h + cond
+        for block in self.blocks:
+            h = h + block(h + cond)
+        return self.out(h).reshape(x.shape)
+
+
+class UNet(nn.Module):
+    """diffusers ``UNet2DModel`` behind the ``net(x, t, y)`` interface.
+
+    Flow time t in [0, 1] is passed to the UNet as ``1000 * t`` (its sinusoidal embedding
+    expects DDPM-like timestep magnitudes). Class labels use ``num_class_embeds``.
+    """
+
+    def __init__(self, **config) -> None:
+        super().__init__()
+        from diffusers import UNet2DModel
+
+        self.unet = UNet2DModel(**config)
+        self.num_classes = config.get("num_class_embeds")
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        if self.num_classes and y is None:
+            raise ValueError("this network is class-conditional: pass labels y")
+        t = (1000.0 * t.reshape(-1)).expand(len(x))
+        return self.unet(x, t, class_labels=y if self.num_classes else None).sample
+
+
+# UNet presets. "cifar" follows the DDPM CIFAR-10 model (35.7M parameters, attention at 16x16);
+# "digits" and "ci" are small versions of the same shape for 8x8 / 16x16 inputs on a CPU.
+UNET_PRESETS: dict[str, dict] = {
+    "ci": dict(
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    ),
+    "digits": dict(
+        block_out_channels=(64, 128),
+        layers_per_block=2,
+        norm_num_groups=16,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    ),
+    "cifar": dict(
+        block_out_channels=(128, 256, 256, 256),
+        layers_per_block=2,
+        dropout=0.1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    ),
+}
+
+NETS = ("mlp-2d", "mlp-digits", "unet-ci", "unet-digits", "unet-cifar")
+
+
+def build(
+    name: str, shape: tuple[int, ...], num_classes: int | None = None, hidden: int | None = None
+) -> nn.Module:
+    """A network by preset name for samples of ``shape`` (C, H, W) or (D,)."""
+    if name == "mlp-2d":
+        return TimeMLP(shape, hidden=hidden or 256, depth=4, num_classes=num_classes)
+    if name == "mlp-digits":
+        return TimeMLP(shape, hidden=hidden or 512, depth=3, time_dim=128, num_classes=num_classes)
+    if name.startswith("unet-") and name[5:] in UNET_PRESETS:
+        channels, size = shape[0], shape[-1]
+        return UNet(
+            sample_size=size,
+            in_channels=channels,
+            out_channels=channels,
+            num_class_embeds=num_classes,
+            **UNET_PRESETS[name[5:]],
+        )
+    raise ValueError(f"unknown network {name!r}; valid names are: {', '.join(NETS)}")
+
+
+class SmallClassifier(nn.Module):
+    """A small conv classifier; its penultimate features define the proxy distance.
+
+    Used by :mod:`osdlib.metrics` for the offline proxy (not FID) and for class accuracy.
+    """
+
+    def __init__(
+        self, in_channels: int = 1, num_classes: int = 10, width: int = 32, feature_dim: int = 128
+    ) -> None:
+        super().__init__()
+        w = width
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, w, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(w, w, 3, padding=1),
+            nn.SiLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1),
+            nn.SiLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(8 * w, feature_dim),
+            nn.SiLU(),
+        )
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))

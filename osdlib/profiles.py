@@ -1,0 +1,184 @@
+"""Named run sizes: one notebook, four sizes.
+
+A chapter's ``parameters`` cell sets ``profile`` (and optionally ``overrides``); the next
+cell calls :func:`resolve`, which returns every derived setting of that chapter. Any single
+setting can still be overridden, e.g. ``papermill ... -p profile gpu -y "overrides: {steps: 500}"``.
+
+=======  ====================  ===========================================================
+profile  where                 purpose
+=======  ====================  ===========================================================
+ci       any CPU, <= 60 s      every code path runs at tiny sizes (nbval in CI)
+book     CPU laptop, <= 10 min what the committed outputs show: 2-D toys fully, digits
+gpu      one GPU, <= 15 min    CIFAR-10-scale results with the real pipeline
+paper    one or more GPUs      the paper's configuration, documented, runnable
+auto     -                     ``gpu`` when CUDA is available, else ``book``
+=======  ====================  ===========================================================
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+PROFILES = ("ci", "book", "gpu", "paper")
+
+# Settings shared by every chapter at a given profile.
+_COMMON: dict[str, dict[str, Any]] = {  # `download`: may a dataset be fetched?
+    "ci": {"device": "cpu", "eval_samples": 200, "download": False},
+    "book": {"device": "cpu", "eval_samples": 2000, "download": False},
+    "gpu": {"device": "cuda", "eval_samples": 5000, "download": True},
+    "paper": {"device": "cuda", "eval_samples": 50_000, "download": True},
+}
+
+# Per-chapter settings. Keys are chapter ids (the notebook's file stem without the number).
+CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
+    "foundations": {
+        "ci": {
+            "toy": "8gaussians",
+            "toy_steps": 300,
+            "toy_batch": 512,
+            "toy_hidden": 128,
+            "toy_gallery_steps": 60,
+            "toy_lr": 3e-3,
+            "toy_eval": 1000,
+            "image_data": "digits",
+            "image_net": "mlp-digits",
+            "image_steps": 200,
+            "image_batch": 128,
+            "image_lr": 1e-3,
+            "ema_decay": 0.99,
+            "classifier_steps": 100,
+            "nfe_list": [1, 2, 4, 8],
+            "fid": False,
+        },
+        "book": {
+            "toy": "8gaussians",
+            "toy_steps": 3000,
+            "toy_batch": 1024,
+            "toy_hidden": 256,
+            "toy_gallery_steps": 2000,
+            "toy_lr": 3e-3,
+            "toy_eval": 5000,
+            "image_data": "digits",
+            "image_net": "mlp-digits",
+            "image_steps": 8000,
+            "image_batch": 256,
+            "image_lr": 1e-3,
+            "ema_decay": 0.999,
+            "classifier_steps": 800,
+            "nfe_list": [1, 2, 4, 8, 16, 32, 100],
+            "fid": False,
+        },
+        "gpu": {
+            "toy": "8gaussians",
+            "toy_steps": 5000,
+            "toy_batch": 2048,
+            "toy_hidden": 256,
+            "toy_gallery_steps": 3000,
+            "toy_lr": 3e-3,
+            "toy_eval": 10_000,
+            "image_data": "cifar10",
+            "image_net": "unet-cifar",
+            "image_steps": 8000,
+            "image_batch": 128,
+            "image_lr": 2e-4,
+            "ema_decay": 0.999,
+            "classifier_steps": 3000,
+            "nfe_list": [1, 2, 4, 8, 16, 32, 100],
+            "fid": True,
+        },
+        "paper": {
+            "toy": "8gaussians",
+            "toy_steps": 20_000,
+            "toy_batch": 4096,
+            "toy_hidden": 256,
+            "toy_gallery_steps": 5000,
+            "toy_lr": 3e-3,
+            "toy_eval": 10_000,
+            "image_data": "cifar10",
+            "image_net": "unet-cifar",
+            "image_steps": 400_000,
+            "image_batch": 128,
+            "image_lr": 2e-4,
+            "ema_decay": 0.9999,
+            "classifier_steps": 10_000,
+            "nfe_list": [1, 2, 4, 8, 16, 32, 100],
+            "fid": True,
+        },
+    },
+}
+
+
+class Settings(dict):
+    """A dict of resolved settings with attribute access and a readable table."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError as err:
+            raise AttributeError(
+                f"no setting {name!r}; available: {', '.join(sorted(self))}"
+            ) from err
+
+    def table(self) -> str:
+        width = max(len(k) for k in self)
+        lines = [f"{'setting'.ljust(width)}  value", f"{'-' * width}  -----"]
+        lines += [f"{k.ljust(width)}  {v}" for k, v in self.items()]
+        return "\n".join(lines)
+
+    def _repr_markdown_(self) -> str:
+        rows = "\n".join(f"| `{k}` | {v} |" for k, v in self.items())
+        return "| setting | value |\n|---|---|\n" + rows
+
+    def __repr__(self) -> str:
+        return self.table()
+
+
+def default_profile() -> str:
+    """The profile a notebook uses when none is given: ``$OSD_PROFILE`` or ``auto``."""
+    return os.environ.get("OSD_PROFILE", "auto")
+
+
+def pick(profile: str) -> str:
+    """Resolve ``auto`` and validate a profile name."""
+    name = (profile or "auto").strip().lower()
+    if name == "auto":
+        return "gpu" if torch.cuda.is_available() else "book"
+    if name not in PROFILES:
+        raise ValueError(
+            f"unknown profile {profile!r}; valid profiles are: {', '.join(PROFILES)} and auto"
+        )
+    return name
+
+
+def resolve(
+    chapter: str,
+    profile: str | None = None,
+    seed: int = 0,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Every setting of ``chapter`` at ``profile`` (``None`` -> :func:`default_profile`).
+
+    ``overrides`` replaces single settings; an unknown key is an error so that a typo in a
+    papermill call does not go unnoticed.
+    """
+    if chapter not in CHAPTERS:
+        raise ValueError(f"unknown chapter {chapter!r}; valid chapters are: {', '.join(CHAPTERS)}")
+    requested = default_profile() if profile is None else profile
+    name = pick(requested)
+    settings = Settings(profile=name, requested_profile=requested, seed=int(seed))
+    settings.update(_COMMON[name])
+    settings.update(CHAPTERS[chapter][name])
+    if settings["device"] == "cuda" and not torch.cuda.is_available():
+        settings["device"] = "cpu"
+    for key, value in dict(overrides or {}).items():
+        if key not in settings:
+            raise KeyError(
+                f"unknown setting {key!r} for chapter {chapter!r}; "
+                f"valid settings are: {', '.join(sorted(settings))}"
+            )
+        settings[key] = value
+    return settings

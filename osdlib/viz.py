@@ -1,0 +1,176 @@
+"""The pictures the book shows: image grids, 2-D samples and trajectories, curves."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def setup(dpi: int = 80) -> None:
+    """Modest-resolution PNG figures (keeps committed notebooks small)."""
+    plt.rcParams.update(
+        {
+            "figure.dpi": dpi,
+            "savefig.dpi": dpi,
+            "figure.autolayout": True,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+        }
+    )
+
+
+def show_source(obj):
+    """The source of a library function, rendered as code in the notebook and the book."""
+    import inspect
+
+    from IPython.display import Code
+
+    return Code(inspect.getsource(obj), language="python")
+
+
+def image_grid(x: Tensor, nrow: int | None = None, pad: int = 1) -> np.ndarray:
+    """A (H, W, C) array in [0, 1] tiling images ``x`` (N, C, H, W) given in [-1, 1] or uint8."""
+    from torchvision.utils import make_grid
+
+    x = x.detach().cpu()
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else (x.float().clamp(-1, 1) + 1) / 2
+    nrow = nrow or int(np.ceil(np.sqrt(len(x))))
+    grid = make_grid(x, nrow=nrow, padding=pad, pad_value=1.0)
+    return grid.permute(1, 2, 0).numpy()
+
+
+def show_images(
+    x: Tensor, title: str | None = None, nrow: int | None = None, ax=None, size: float = 3.0
+):
+    """Show a grid of images; returns the axis."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(size, size))
+    grid = image_grid(x, nrow)
+    ax.imshow(
+        grid.squeeze(-1) if grid.shape[-1] == 1 else grid,
+        cmap="gray",
+        vmin=0,
+        vmax=1,
+        interpolation="nearest",
+    )
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=9)
+    return ax
+
+
+def show_image_rows(grids: Mapping[str, Tensor], nrow: int | None = None, size: float = 2.2):
+    """Several grids side by side, one per title (``size`` is the width of each)."""
+    first = image_grid(next(iter(grids.values())), nrow)
+    height = size * first.shape[0] / first.shape[1]
+    fig, axes = plt.subplots(1, len(grids), figsize=(size * len(grids), height + 0.35))
+    for ax, (title, x) in zip(np.atleast_1d(axes), grids.items()):
+        show_images(x, title, nrow, ax)
+    return fig
+
+
+def scatter2d(
+    x: Tensor,
+    ax=None,
+    title: str | None = None,
+    lim: float = 6.0,
+    s: float = 1.0,
+    color: str = "C0",
+    alpha: float = 0.5,
+):
+    """A 2-D sample as a scatter plot on [-lim, lim]^2."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(3, 3))
+    x = x.detach().cpu()
+    ax.scatter(x[:, 0], x[:, 1], s=s, c=color, alpha=alpha, linewidths=0)
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=9)
+    return ax
+
+
+def scatter_row(
+    samples: Mapping[str, Tensor],
+    lim: float = 6.0,
+    size: float = 2.2,
+    reference: Tensor | None = None,
+):
+    """One scatter per entry (title -> samples), optionally over a grey reference sample."""
+    fig, axes = plt.subplots(1, len(samples), figsize=(size * len(samples), size + 0.3))
+    for ax, (title, x) in zip(np.atleast_1d(axes), samples.items()):
+        if reference is not None:
+            scatter2d(reference, ax, lim=lim, color="0.8", alpha=0.4)
+        scatter2d(x, ax, title, lim)
+    return fig
+
+
+def trajectories2d(
+    traj: Sequence[Tensor], ax=None, n: int = 200, lim: float = 6.0, title: str | None = None
+):
+    """ODE paths from noise (grey dots) to samples (blue dots); ``traj`` is a list of (N, 2)."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(3.2, 3.2))
+    path = torch.stack([p[:n].cpu() for p in traj])  # (T, n, 2)
+    ax.plot(path[:, :, 0], path[:, :, 1], color="C1", lw=0.5, alpha=0.5)
+    ax.scatter(path[0, :, 0], path[0, :, 1], s=3, c="0.4", label="noise z (t=1)")
+    ax.scatter(path[-1, :, 0], path[-1, :, 1], s=3, c="C0", label="sample (t=0)")
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=9)
+    return ax
+
+
+def loss_curve(
+    history: Mapping[str, Sequence[float]],
+    keys: Sequence[str] = ("loss",),
+    ax=None,
+    title: str | None = None,
+    logy: bool = True,
+):
+    """Training curves from a :func:`osdlib.train.train` history."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4, 2.6))
+    for k in keys:
+        ax.plot(history["step"], history[k], label=k)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return ax
+
+
+def metric_vs_nfe(
+    curves: Mapping[str, tuple[Sequence[int], Sequence[float]]],
+    ylabel: str,
+    ax=None,
+    title: str | None = None,
+    logy: bool = False,
+):
+    """Quality against number of function evaluations, one line per sampler/model."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.2, 2.8))
+    for label, (nfe, vals) in curves.items():
+        ax.plot(nfe, vals, marker="o", ms=3, label=label)
+    ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel("NFE (network evaluations per sample)")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return ax

@@ -1,0 +1,133 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from osdlib import data
+
+
+@pytest.mark.parametrize("name", ["8gaussians", "moons", "checkerboard", "spirals", "gaussian"])
+def test_toys_shape_and_reproducible(name):
+    s = data.toy(name)
+    a = s(500, generator=torch.Generator().manual_seed(0))
+    b = s(500, generator=torch.Generator().manual_seed(0))
+    assert a.shape == (500, 2) and torch.equal(a, b) and torch.isfinite(a).all()
+    assert a.abs().max() < 8
+
+
+def test_toy_accepts_any_callable_and_rejects_unknown_names():
+    def ring(n, generator=None):
+        return torch.randn(n, 2, generator=generator)
+
+    assert data.toy(ring) is ring
+    with pytest.raises(ValueError, match="8gaussians, moons, checkerboard, spirals"):
+        data.toy("swissroll")
+
+
+def test_digits_are_real_and_scaled():
+    d = data.digits()
+    assert len(d) == 1797 and d.shape == (1, 8, 8) and d.num_classes == 10
+    x = d.float_images()
+    assert x.min() == -1.0 and x.max() == 1.0
+    xb, yb = d.batch(32, generator=torch.Generator().manual_seed(0))
+    assert xb.shape == (32, 1, 8, 8) and yb.dtype == torch.long
+
+
+def _random_images(n, size, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def test_image_folder_png_exact_and_jpeg(tmp_path):
+    imgs = _random_images(6, 12)
+    for i, arr in enumerate(imgs):
+        cls = ["cat", "airplane", "dog"][i % 3]
+        (tmp_path / cls).mkdir(exist_ok=True)
+        Image.fromarray(arr).save(tmp_path / cls / f"{i:04d}.png")
+        Image.fromarray(arr).save(tmp_path / cls / f"{i:04d}.jpg", quality=95)
+    (tmp_path / "cat" / "notes.txt").write_text("not an image")
+    d = data.image_folder(tmp_path, progress=False)
+    assert d.class_names == ["airplane", "cat", "dog"]  # sorted, like torchvision's ImageFolder
+    assert len(d) == 12 and d.shape == (3, 12, 12) and d.images.dtype == torch.uint8
+    # first file of class "airplane" is 0001.jpg, then 0001.png (sorted names)
+    png = d.images[1].permute(1, 2, 0).numpy()
+    assert np.array_equal(png, imgs[1])
+    resized = data.image_folder(tmp_path, size=8, progress=False)
+    assert resized.shape == (3, 8, 8)
+    assert data.load(f"folder:{tmp_path}").shape == (3, 12, 12)
+
+
+def test_image_folder_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="one sub-folder per class"):
+        data.image_folder(tmp_path / "nothing")
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="<class>/<image>"):
+        data.image_folder(tmp_path / "empty")
+
+
+def test_imagenet64_npz_round_trip(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randint(0, 256, (5, 3, 64, 64), generator=g, dtype=torch.uint8)
+    labels = torch.tensor([0, 999, 5, 7, 1])
+    data.write_imagenet64_npz(tmp_path / "train_data_batch_1.npz", imgs[:3], labels[:3])
+    data.write_imagenet64_npz(tmp_path / "train_data_batch_2.npz", imgs[3:], labels[3:])
+    raw = np.load(tmp_path / "train_data_batch_1.npz")
+    assert raw["data"].shape == (3, 12288) and raw["labels"].min() >= 1  # the published format
+    # channel-major: the first 4096 values are the red plane
+    assert np.array_equal(raw["data"][0, :4096], imgs[0, 0].flatten().numpy())
+    d = data.imagenet64_npz(tmp_path)
+    assert torch.equal(d.images, imgs) and torch.equal(d.labels, labels)
+    assert d.num_classes == 1000
+
+
+def test_imagenet64_missing_says_where(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        data.imagenet64_npz(tmp_path)
+
+
+def test_cifar10_missing_without_download(tmp_path):
+    with pytest.raises(FileNotFoundError, match="download=True"):
+        data.cifar10(tmp_path, download=False)
+
+
+def test_cifar10_torchvision_format(tmp_path, monkeypatch):
+    """Write the CIFAR-10 python pickle format and read it through torchvision's loader."""
+    from torchvision.datasets import CIFAR10
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    imgs = _random_images(20, 32)
+    flat = imgs.transpose(0, 3, 1, 2).reshape(20, -1)
+    for i, (name, _) in enumerate(CIFAR10.train_list):
+        sl = slice(4 * i, 4 * i + 4)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": flat[sl], "labels": list(range(4 * i, 4 * i + 4))}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    # the fixture files have other md5 sums than the published ones
+    import torchvision.datasets.cifar as cifar_module
+
+    monkeypatch.setattr(CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(cifar_module, "check_integrity", lambda *a, **k: True)
+    d = data.cifar10(tmp_path)
+    assert len(d) == 20 and d.shape == (3, 32, 32)
+    assert np.array_equal(d.images[0].permute(1, 2, 0).numpy(), imgs[0])
+    assert d.class_names[0] == "c0"
+
+
+def test_load_names_and_cifar_folder(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="digits, cifar10, imagenet64"):
+        data.load("mnist")
+    monkeypatch.setenv("OSD_DATA_DIR", str(tmp_path))
+    for c in ("airplane", "automobile"):
+        (tmp_path / "cifar10" / "train" / c).mkdir(parents=True)
+        Image.fromarray(_random_images(1, 32)[0]).save(tmp_path / "cifar10" / "train" / c / "0.jpg")
+    d = data.load("cifar10")
+    assert d.name == "cifar10" and len(d) == 2 and d.source.startswith("folder:")
+
+
+def test_to_uint8_rounds():
+    x = torch.tensor([-1.0, -0.999, 0.0, 0.5, 1.0, 1.5])
+    assert data.to_uint8(x).tolist() == [0, 0, 128, 191, 255, 255]

@@ -1,0 +1,124 @@
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from osdlib import metrics
+
+
+def numpy_frechet(a, b):
+    """Reference: the textbook formula with scipy's matrix square root."""
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def test_frechet_distance_identical_is_zero_and_matches_numpy():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(500, 16, generator=g)
+    b = torch.randn(400, 16, generator=g) * 1.3 + 0.2
+    assert abs(metrics.frechet_distance(a, a)) < 1e-6
+    ref = numpy_frechet(a.double().numpy(), b.double().numpy())
+    assert metrics.frechet_distance(a, b) == pytest.approx(ref, rel=1e-6)
+    assert ref > 0.5
+
+
+def test_sliced_wasserstein_zero_for_identical_and_grows_with_shift():
+    x = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0))
+    assert metrics.sliced_wasserstein(x, x) == pytest.approx(0.0, abs=1e-9)
+    d = [metrics.sliced_wasserstein(x, x + torch.tensor([s, 0.0])) for s in (0.5, 1.0, 2.0)]
+    assert d[0] < d[1] < d[2]
+    # a shift by s along e1 gives sqrt(E cos^2) * s = s / sqrt(2) in 2-D
+    assert d[2] == pytest.approx(2.0 / np.sqrt(2), rel=0.05)
+    # different sample sizes are compared through quantiles
+    assert metrics.sliced_wasserstein(x, x[:1000]) < 0.1
+
+
+def test_energy_distance():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1500, 2, generator=g), torch.randn(1500, 2, generator=g)
+    assert abs(metrics.energy_distance(x, y)) < 0.02
+    assert metrics.energy_distance(x, y + 1.0) > 0.5
+
+
+def test_modes_hit():
+    from osdlib.data import eight_gaussian_centers, eight_gaussians
+
+    c = eight_gaussian_centers()
+    assert metrics.modes_hit(eight_gaussians(4000, torch.Generator().manual_seed(0)), c) == 8
+    collapsed = c[:2].repeat(500, 1) + 0.1 * torch.randn(1000, 2)
+    assert metrics.modes_hit(collapsed, c) == 2
+
+
+class _Perfect(torch.nn.Module):
+    """Classifies 1x4x4 images by the index of their brightest pixel (for testing)."""
+
+    def features(self, x):
+        return x.reshape(len(x), -1)
+
+    def forward(self, x):
+        return self.features(x)
+
+
+def test_accuracy_and_proxy_fd():
+    y = torch.randint(0, 16, (300,), generator=torch.Generator().manual_seed(0))
+    x = -torch.ones(300, 1, 4, 4)
+    x.view(300, -1)[torch.arange(300), y] = 1.0
+    clf = _Perfect()
+    assert metrics.accuracy(clf, x, y) == 1.0
+    assert metrics.accuracy(clf, x, (y + 1) % 16) == 0.0
+    x = x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    assert abs(metrics.proxy_fd(clf, x, x)) < 1e-6
+    assert metrics.proxy_fd(clf, x, x.flip(0) * 0.5) > 0.1
+
+
+def test_fid_pipeline_with_a_registered_feature_extractor():
+    """The real torch-fidelity path (uint8 rounding, datasets, statistics) with a tiny
+    extractor registered for the test, since Inception weights cannot be downloaded here."""
+    import torch_fidelity
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+
+    class MeanColour(FeatureExtractorBase):
+        def __init__(self, name, features_list, **kwargs):
+            super().__init__(name, features_list)
+
+        @staticmethod
+        def get_provided_features_list():
+            return ("stats",)
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return "stats"
+
+        @staticmethod
+        def can_be_compiled():
+            return False
+
+        @staticmethod
+        def get_dummy_input_for_compile():
+            return None
+
+        def forward(self, x):
+            assert x.dtype == torch.uint8
+            x = x.float()
+            return (torch.cat([x.mean((2, 3)), x.std((2, 3)), x[:, :, ::4, ::4].flatten(1)], 1),)
+
+    try:
+        torch_fidelity.register_feature_extractor("osd-test-stats", MeanColour)
+    except Exception:
+        pass  # already registered in this process
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(64, 3, 8, 8, generator=g) * 2 - 1
+    b = torch.rand(64, 3, 8, 8, generator=g) * 2 - 1
+    kw = dict(feature_extractor="osd-test-stats", batch_size=32)
+    assert metrics.fid(a, a, **kw) == pytest.approx(0.0, abs=1e-3)
+    same = metrics.fid(a, b, **kw)
+    shifted = metrics.fid((a * 0.5 + 0.4), b, **kw)
+    assert 0 < same < shifted
+
+
+def test_fid_without_weights_says_what_to_do(tmp_path):
+    x = torch.zeros(4, 3, 8, 8)
+    with pytest.raises(RuntimeError, match="OSD_INCEPTION_WEIGHTS"):
+        metrics.fid(x, x, weights_path=str(tmp_path / "missing.pth"))

@@ -1,0 +1,47 @@
+"""Structure of the chapters: in the TOC, parameterised, committed executed without errors."""
+
+import json
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def _toc_files(node):
+    if isinstance(node, dict):
+        if "file" in node:
+            yield node["file"]
+        for v in node.values():
+            yield from _toc_files(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _toc_files(v)
+
+
+def test_every_notebook_is_in_the_toc_and_back():
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = set(_toc_files(toc)) | {toc["root"]}
+    nb_files = {f"notebooks/{p.stem}" for p in NOTEBOOKS}
+    assert nb_files and nb_files <= files
+    for f in files:
+        assert list(ROOT.glob(f + ".*")), f"TOC entry {f} has no file"
+
+
+def test_notebooks_are_parameterised_executed_and_clean():
+    for p in NOTEBOOKS:
+        nb = json.loads(p.read_text())
+        code = [c for c in nb["cells"] if c["cell_type"] == "code" and "".join(c["source"]).strip()]
+        params = [c for c in code if "parameters" in c["metadata"].get("tags", [])]
+        assert len(params) == 1, f"{p.name}: one cell tagged 'parameters'"
+        first = [
+            ln
+            for ln in "".join(params[0]["source"]).splitlines()
+            if "=" in ln and not ln.lstrip().startswith(("#", "import"))
+        ][0]
+        assert first.startswith("profile"), f"{p.name}: the first parameter must be profile"
+        assert all(c["execution_count"] is not None for c in code), f"{p.name}: unexecuted cells"
+        errors = [o for c in code for o in c["outputs"] if o["output_type"] == "error"]
+        assert not errors, f"{p.name}: stored error outputs"
+        assert p.stat().st_size < 3_000_000, f"{p.name} is too large"
