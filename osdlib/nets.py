@@ -105,6 +105,13 @@ UNET_PRESETS: dict[str, dict] = {
         down_block_types=("DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
     ),
+    "cifar-small": dict(  # a SlimFlow-sized student, about a quarter of "cifar"
+        block_out_channels=(64, 128, 128, 128),
+        layers_per_block=2,
+        dropout=0.1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    ),
     "cifar": dict(
         block_out_channels=(128, 256, 256, 256),
         layers_per_block=2,
@@ -114,7 +121,15 @@ UNET_PRESETS: dict[str, dict] = {
     ),
 }
 
-NETS = ("mlp-2d", "mlp-digits", "unet-ci", "unet-digits", "unet-cifar")
+NETS = (
+    "mlp-2d",
+    "mlp-digits",
+    "mlp-digits-small",
+    "unet-ci",
+    "unet-digits",
+    "unet-cifar",
+    "unet-cifar-small",
+)
 
 
 def build(
@@ -123,6 +138,8 @@ def build(
     """A network by preset name for samples of ``shape`` (C, H, W) or (D,)."""
     if name == "mlp-2d":
         return TimeMLP(shape, hidden=hidden or 256, depth=4, num_classes=num_classes)
+    if name == "mlp-digits-small":
+        return TimeMLP(shape, hidden=hidden or 192, depth=3, time_dim=128, num_classes=num_classes)
     if name == "mlp-digits":
         return TimeMLP(shape, hidden=hidden or 512, depth=3, time_dim=128, num_classes=num_classes)
     if name.startswith("unet-") and name[5:] in UNET_PRESETS:

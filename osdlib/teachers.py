@@ -207,7 +207,9 @@ def get_teacher(
     device = settings.get("device", "cpu")
     if data is None:
         data = data_mod.load(spec["image_data"], download=settings.get("download", False))
-    net = nets.build(spec["image_net"], data.shape, data.num_classes)
+    with torch.random.fork_rng():  # the same initial weights whatever ran before
+        torch.manual_seed(spec["seed"])
+        net = nets.build(spec["image_net"], data.shape, data.num_classes)
     weights = folder / "teacher.safetensors"
     if weights.exists() and not retrain:
         load_weights(net, weights)

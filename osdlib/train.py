@@ -145,13 +145,17 @@ def train(
     """Train ``model`` for ``steps`` optimizer steps (see the module docstring).
 
     ``batch_fn(generator)`` returns the next batch; ``loss_fn(model, batch, generator)``
-    returns the loss, optionally with a dict of extra scalars to log. With ``ckpt_path``
+    returns the loss, optionally with a dict of extra scalars to log. A ``loss_fn`` with a
+    fourth parameter ``step`` also receives the step number (for schedules). With ``ckpt_path``
     set, a checkpoint is written every ``ckpt_every`` steps and at the end, and an existing
     one is resumed from when ``resume`` is true.
     """
+    import inspect
     import sys
 
     from tqdm import tqdm
+
+    wants_step = "step" in inspect.signature(loss_fn).parameters
 
     device = torch.device(device)
     rank, world = _dist_info()
@@ -222,7 +226,11 @@ def train(
                 g["lr"] = base * min(1.0, (step + 1) / warmup)
         batch = to_device(batch_fn(data_gen), device)
         with autocast:
-            out = loss_fn(wrapped, batch, noise_gen)
+            out = (
+                loss_fn(wrapped, batch, noise_gen, step)
+                if wants_step
+                else loss_fn(wrapped, batch, noise_gen)
+            )
         loss, extra = out if isinstance(out, tuple) else (out, {})
         value = loss.item()
         if not math.isfinite(value):
@@ -242,7 +250,7 @@ def train(
             history["step"].append(done)
             for k, v in running.items():
                 history.setdefault(k, []).append(v / count)
-            bar.set_postfix(loss=f"{running['loss'] / count:.4f}")
+            bar.set_postfix(loss=f"{running['loss'] / count:.4f}", refresh=False)
             running, count = {}, 0
         if ckpt_every and done % ckpt_every == 0 and done != steps:
             checkpoint(done)

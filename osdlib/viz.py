@@ -87,6 +87,11 @@ def scatter2d(
         _, ax = plt.subplots(figsize=(3, 3))
     x = x.detach().cpu()
     ax.scatter(x[:, 0], x[:, 1], s=s, c=color, alpha=alpha, linewidths=0)
+    return _square(ax, lim, title)
+
+
+def _square(ax, lim: float, title: str | None):
+    """A bare square [-lim, lim]^2 panel for 2-D pictures."""
     ax.set_xlim(-lim, lim)
     ax.set_ylim(-lim, lim)
     ax.set_aspect("equal")
@@ -122,14 +127,7 @@ def trajectories2d(
     ax.plot(path[:, :, 0], path[:, :, 1], color="C1", lw=0.5, alpha=0.5)
     ax.scatter(path[0, :, 0], path[0, :, 1], s=3, c="0.4", label="noise z (t=1)")
     ax.scatter(path[-1, :, 0], path[-1, :, 1], s=3, c="C0", label="sample (t=0)")
-    ax.set_xlim(-lim, lim)
-    ax.set_ylim(-lim, lim)
-    ax.set_aspect("equal")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if title:
-        ax.set_title(title, fontsize=9)
-    return ax
+    return _square(ax, lim, title)
 
 
 def loss_curve(
@@ -137,13 +135,17 @@ def loss_curve(
     keys: Sequence[str] = ("loss",),
     ax=None,
     title: str | None = None,
-    logy: bool = True,
+    logy: bool | None = None,
 ):
-    """Training curves from a :func:`osdlib.train.train` history."""
+    """Training curves from a :func:`osdlib.train.train` history (log scale when the values
+    span more than a decade, unless ``logy`` says otherwise)."""
     if ax is None:
         _, ax = plt.subplots(figsize=(4, 2.6))
     for k in keys:
         ax.plot(history["step"], history[k], label=k)
+    values = [v for k in keys for v in history[k]]
+    if logy is None:
+        logy = min(values) > 0 and max(values) / min(values) > 10
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel("step")

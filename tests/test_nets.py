@@ -31,7 +31,7 @@ def test_cifar_preset_has_the_ddpm_size():
 
 
 def test_unknown_net():
-    with pytest.raises(ValueError, match="mlp-2d, mlp-digits, unet-ci"):
+    with pytest.raises(ValueError, match="mlp-2d, mlp-digits, mlp-digits-small, unet-ci"):
         nets.build("resnet", (2,))
 
 

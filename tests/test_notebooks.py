@@ -45,3 +45,10 @@ def test_notebooks_are_parameterised_executed_and_clean():
         errors = [o for c in code for o in c["outputs"] if o["output_type"] == "error"]
         assert not errors, f"{p.name}: stored error outputs"
         assert p.stat().st_size < 3_000_000, f"{p.name} is too large"
+        injected = [
+            c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", [])
+        ]
+        assert not injected, (
+            f"{p.name} stores papermill's injected parameters, which would override the ci "
+            "profile in CI: refresh it with `make reproduce ... OUT=notebooks/...`"
+        )

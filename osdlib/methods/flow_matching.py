@@ -21,10 +21,19 @@ from ..train import TrainResult, train
 
 
 def loss(
-    net: nn.Module, x: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None
+    net: nn.Module,
+    x: Tensor,
+    y: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    z: Tensor | None = None,
 ) -> Tensor:
-    """The flow-matching loss on a batch of data ``x`` (any shape) with optional labels."""
-    z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    """The flow-matching loss on a batch of data ``x`` (any shape) with optional labels.
+
+    ``z`` defaults to fresh independent noise (flow matching = 1-rectified flow); passing
+    the noise each ``x`` was generated from gives reflow on a coupling (chapter 01).
+    """
+    if z is None:
+        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     t = torch.rand(len(x), generator=generator, device=x.device, dtype=x.dtype)
     x_t = paths.interpolate(x, z, t)
     return (net(x_t, t, y) - paths.target_velocity(x, z)).pow(2).mean()
