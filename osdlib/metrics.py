@@ -187,6 +187,13 @@ def accuracy(classifier: nn.Module, images: Tensor, labels: Tensor, device="cpu"
     return float((logits.argmax(1) == labels.cpu()).float().mean())
 
 
+def within_class_std(images: Tensor, labels: Tensor) -> float:
+    """Mean over classes of the per-pixel standard deviation within the class: a direct look at
+    diversity (blurry class means score low; compare with the real data's value)."""
+    x = _as_float(images).clamp(-1, 1)
+    return float(torch.stack([x[labels == c].std(0).mean() for c in labels.unique()]).mean())
+
+
 def proxy_features(classifier: nn.Module, images: Tensor, device="cpu") -> Tensor:
     """Penultimate-layer features of the book's classifier."""
     return _batched(classifier.features, _as_float(images).clamp(-1, 1), device)
@@ -333,6 +340,7 @@ __all__ = [
     "fid",
     "train_classifier",
     "accuracy",
+    "within_class_std",
     "proxy_features",
     "proxy_fd",
     "get_classifier",

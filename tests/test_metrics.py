@@ -122,3 +122,11 @@ def test_fid_without_weights_says_what_to_do(tmp_path):
     x = torch.zeros(4, 3, 8, 8)
     with pytest.raises(RuntimeError, match="OSD_INCEPTION_WEIGHTS"):
         metrics.fid(x, x, weights_path=str(tmp_path / "missing.pth"))
+
+
+def test_within_class_std():
+    y = torch.tensor([0, 0, 1, 1])
+    x = torch.tensor([[-1.0], [1.0], [0.5], [0.5]]).reshape(4, 1, 1, 1)
+    # class 0: values -1 and 1 (std sqrt(2)); class 1: identical values (std 0)
+    assert metrics.within_class_std(x, y) == pytest.approx(2**0.5 / 2)
+    assert metrics.within_class_std(torch.full((4, 1, 1, 1), 255, dtype=torch.uint8), y) == 0.0
