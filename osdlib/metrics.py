@@ -272,14 +272,19 @@ def energy_distance(a: Tensor, b: Tensor, max_n: int = 4000, seed: int = 0) -> f
     return float(2 * torch.cdist(a, b).mean() - mean_offdiag(a) - mean_offdiag(b))
 
 
+def mode_fractions(samples: Tensor, centers: Tensor, radius: float = 1.0) -> Tensor:
+    """The fraction of ``samples`` within ``radius`` of each of ``centers`` (nearest centre)."""
+    dist = torch.cdist(samples.double().cpu(), centers.double())
+    nearest = dist.min(dim=1)
+    hits = torch.bincount(nearest.indices[nearest.values < radius], minlength=len(centers))
+    return (hits / len(samples)).float()
+
+
 def modes_hit(
     samples: Tensor, centers: Tensor, radius: float = 1.0, min_fraction: float = 0.01
 ) -> int:
     """How many of ``centers`` receive at least ``min_fraction`` of the samples within ``radius``."""
-    dist = torch.cdist(samples.double().cpu(), centers.double())
-    nearest = dist.min(dim=1)
-    hits = torch.bincount(nearest.indices[nearest.values < radius], minlength=len(centers))
-    return int((hits >= min_fraction * len(samples)).sum())
+    return int((mode_fractions(samples, centers, radius) >= min_fraction).sum())
 
 
 @torch.no_grad()

@@ -54,7 +54,8 @@ class TimeMLP(nn.Module):
         )
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+    def features(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """The last hidden layer (B, hidden): the "bottleneck" a GAN head can read."""
         h = self.inp(x.reshape(len(x), -1))
         cond = self.time(timestep_embedding(t.reshape(-1).expand(len(x)), self.time_dim))
         if self.label is not None:
@@ -64,7 +65,10 @@ class TimeMLP(nn.Module):
         h = h + cond
         for block in self.blocks:
             h = h + block(h + cond)
-        return self.out(h).reshape(x.shape)
+        return h
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        return self.out(self.features(x, t, y)).reshape(x.shape)
 
 
 class UNet(nn.Module):
@@ -86,6 +90,19 @@ class UNet(nn.Module):
             raise ValueError("this network is class-conditional: pass labels y")
         t = (1000.0 * t.reshape(-1)).expand(len(x))
         return self.unet(x, t, class_labels=y if self.num_classes else None).sample
+
+    def features(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """The bottleneck (the mid block's output), averaged over space: (B, channels).
+
+        The whole network runs (the decoder's output is discarded); simple rather than fast.
+        """
+        kept = []
+        hook = self.unet.mid_block.register_forward_hook(lambda m, i, out: kept.append(out))
+        try:
+            self(x, t, y)
+        finally:
+            hook.remove()
+        return kept[0].mean(dim=(2, 3))
 
 
 # UNet presets. "cifar" follows the DDPM CIFAR-10 model (35.7M parameters, attention at 16x16);

@@ -96,3 +96,20 @@ def solve(
         raise ValueError(f"unknown solver {solver!r}; valid solvers are: {', '.join(SOLVERS)}")
     ts = uniform_times(steps, t_max, t_min)
     return SOLVERS[solver](velocity, x, ts, y, keep_trajectory)
+
+
+@torch.no_grad()
+def in_chunks(
+    fn: Callable[[Tensor, Tensor | None], Tensor],
+    z: Tensor,
+    y: Tensor | None = None,
+    device: str | torch.device = "cpu",
+    chunk: int = 1000,
+) -> Tensor:
+    """Generate from noise ``z`` (and labels ``y``) chunk by chunk on ``device``:
+    ``fn(z_chunk, y_chunk) -> samples``; returns all samples on the CPU."""
+    out = []
+    for i in range(0, len(z), chunk):
+        yy = None if y is None else y[i : i + chunk].to(device)
+        out.append(fn(z[i : i + chunk].to(device), yy).cpu())
+    return torch.cat(out)

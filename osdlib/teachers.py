@@ -7,6 +7,10 @@ score, and samples with the ODE samplers of :mod:`osdlib.samplers`.
 Implementations:
 
 * :class:`FlowTeacher` — a velocity network trained by flow matching in chapter 00.
+* :class:`DenoiserTeacher` — an EDM-style denoiser D(x, sigma, labels), e.g. an EDM
+  checkpoint through :func:`load_edm`.
+* :class:`GaussianMixtureTeacher` — the exact (closed-form) teacher of a Gaussian mixture,
+  for 2-D toys.
 * :class:`DDPMTeacher` — a diffusers epsilon-prediction UNet with a DDPM (VP) schedule,
   e.g. ``google/ddpm-cifar10-32``, turned into the same probability-flow ODE.
 
@@ -73,7 +77,7 @@ class Teacher(nn.Module):
         z: Tensor | None = None,
         keep_trajectory: bool = False,
     ) -> samplers.SampleResult:
-        device = next(self.parameters()).device
+        device = next(iter([*self.parameters(), *self.buffers()])).device
         x = self.prior(n, generator, device) if z is None else z.to(device) * self.t_max
         if y is not None:
             y = y.to(device)
@@ -93,6 +97,135 @@ class FlowTeacher(Teacher):
 
     def velocity(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         return self.net(x, t, y)
+
+
+class GaussianMixtureTeacher(Teacher):
+    """The exact teacher of a mixture of isotropic Gaussians: closed-form x0, velocity, score.
+
+    Data x ~ sum_k pi_k N(mu_k, s^2 I). At flow time t, x_t = (1 - t) x + t z given component
+    k is N((1 - t) mu_k, v I) with v = (1 - t)^2 s^2 + t^2, so the posterior over components
+    is a softmax of log pi_k - ||x_t - (1 - t) mu_k||^2 / (2 v), and
+    E[x | x_t, k] = mu_k + (1 - t) s^2 / v (x_t - (1 - t) mu_k). Used on 2-D toys where the
+    real score must be exact (chapter 03).
+    """
+
+    def __init__(self, means: Tensor, std: float, weights: Tensor | None = None):
+        super().__init__()
+        means = torch.as_tensor(means, dtype=torch.float32)
+        w = torch.ones(len(means)) if weights is None else torch.as_tensor(weights).float()
+        self.register_buffer("means", means)
+        self.register_buffer("log_weights", torch.log(w / w.sum()))
+        self.std = float(std)
+        self.shape = tuple(means.shape[1:])
+
+    @classmethod
+    def eight_gaussians(cls, radius: float = 4.0, std: float = 0.25) -> GaussianMixtureTeacher:
+        """The exact teacher of :func:`osdlib.data.eight_gaussians`."""
+        from .data import eight_gaussian_centers
+
+        return cls(eight_gaussian_centers(radius), std)
+
+    def x0(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(len(x))
+        tb = t[:, None, None]
+        v = (1 - tb) ** 2 * self.std**2 + tb**2  # (B, 1, 1)
+        diff = x[:, None, :] - (1 - tb) * self.means[None]  # (B, K, D)
+        logits = self.log_weights[None] - diff.pow(2).sum(-1) / (2 * v[:, :, 0])
+        post = torch.softmax(logits, dim=1)[:, :, None]  # (B, K, 1)
+        mean_k = self.means[None] + (1 - tb) * self.std**2 / v * diff
+        return (post * mean_k).sum(1)
+
+    def velocity(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(len(x))
+        return paths.x0_to_velocity(self.x0(x, t), x, t.clamp_min(1e-6))
+
+
+class DenoiserTeacher(Teacher):
+    """An EDM-style denoiser ``net(x_sigma, sigma, class_labels)`` (class labels one-hot) as a
+    teacher: x0 = D(x_t / (1 - t), t / (1 - t)), v = (x_t - x0) / t. Valid for
+    sigma in [sigma_min, sigma_max] (EDM: 0.002 ... 80), i.e. t_max = 80 / 81.
+
+    ``feature_module`` (a submodule name of ``net``, e.g. the last encoder block) makes
+    :meth:`features` available, which DMD2's GAN head reads (averaged over space).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        shape: tuple[int, ...],
+        num_classes: int | None = None,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        feature_module: str | None = None,
+    ):
+        super().__init__()
+        self.net = net
+        self.shape = tuple(shape)
+        self.num_classes = num_classes or None
+        self.t_min = float(paths.sigma_to_t(sigma_min))
+        self.t_max = float(paths.sigma_to_t(sigma_max))
+        self.feature_module = feature_module
+
+    def _labels(self, y: Tensor | None, n: int, device) -> Tensor | None:
+        if not self.num_classes:
+            return None
+        if y is None:
+            raise ValueError("this teacher is class-conditional: pass labels y")
+        return torch.nn.functional.one_hot(y.to(device).long(), self.num_classes).float()
+
+    def x0(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(len(x))
+        t = t.clamp(self.t_min, self.t_max)
+        sigma = paths.t_to_sigma(t)
+        x_sigma = x / paths._b(1 - t, x)
+        return self.net(x_sigma, sigma, self._labels(y, len(x), x.device))
+
+    def velocity(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(len(x))
+        return paths.x0_to_velocity(self.x0(x, t, y), x, t.clamp(self.t_min, self.t_max))
+
+    def features(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        if self.feature_module is None:
+            raise ValueError("pass feature_module (a submodule name) to read features")
+        kept = []
+        module = self.net.get_submodule(self.feature_module)
+        hook = module.register_forward_hook(lambda m, i, out: kept.append(out))
+        try:
+            self.velocity(x, t, y)
+        finally:
+            hook.remove()
+        h = kept[0]
+        return h.mean(dim=tuple(range(2, h.ndim))) if h.ndim > 2 else h
+
+
+def load_edm(
+    path: str | os.PathLike, device: str = "cpu", feature_module: str | None = None
+) -> DenoiserTeacher:
+    """An EDM checkpoint (``*.pkl`` with an ``"ema"`` network, e.g. NVIDIA's
+    ``edm-imagenet-64x64-cond-adm.pkl``) as a :class:`DenoiserTeacher`.
+
+    The pickle refers to modules of the EDM code (``torch_utils``, ``training``), so that
+    code must be importable (clone it and add it to ``sys.path``); the file itself is not
+    shipped with this book.
+    """
+    import pickle
+
+    try:
+        with open(path, "rb") as f:
+            net = pickle.load(f)["ema"]
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(
+            f"{err}. EDM checkpoints need the EDM code on the Python path "
+            "(git clone https://github.com/NVlabs/edm and add it to sys.path)"
+        ) from err
+    shape = (net.img_channels, net.img_resolution, net.img_resolution)
+    sigma_min = float(getattr(net, "sigma_min", 0.002))
+    sigma_max = float(min(getattr(net, "sigma_max", 80.0), 80.0))
+    return (
+        DenoiserTeacher(net, shape, net.label_dim, sigma_min, sigma_max, feature_module)
+        .to(device)
+        .eval()
+    )
 
 
 class DDPMTeacher(Teacher):

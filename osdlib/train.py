@@ -210,7 +210,7 @@ def train(
     )
     model.train()
     running: dict[str, float] = {}
-    count = 0
+    counts: dict[str, int] = {}  # per key: a loss_fn may report some values only on some steps
     t0 = time.perf_counter()
     bar = tqdm(
         range(start, steps),
@@ -244,14 +244,14 @@ def train(
         ema.update(model, step)
         for k, v in {"loss": value, **{k: float(v) for k, v in extra.items()}}.items():
             running[k] = running.get(k, 0.0) + v
-        count += 1
+            counts[k] = counts.get(k, 0) + 1
         done = step + 1
         if done % log_every == 0 or done == steps:
             history["step"].append(done)
             for k, v in running.items():
-                history.setdefault(k, []).append(v / count)
-            bar.set_postfix(loss=f"{running['loss'] / count:.4f}", refresh=False)
-            running, count = {}, 0
+                history.setdefault(k, []).append(v / counts[k])
+            bar.set_postfix(loss=f"{running['loss'] / counts['loss']:.4f}", refresh=False)
+            running, counts = {}, {}
         if ckpt_every and done % ckpt_every == 0 and done != steps:
             checkpoint(done)
     wall = time.perf_counter() - t0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -176,3 +176,24 @@ def metric_vs_nfe(
     if title:
         ax.set_title(title, fontsize=9)
     return ax
+
+
+def vector_field(
+    fn: Callable[[Tensor], Tensor],
+    ax=None,
+    lim: float = 6.0,
+    n: int = 21,
+    title: str | None = None,
+    color: str = "C3",
+):
+    """Arrows of a 2-D vector field ``fn(points) -> vectors`` on an n x n grid of
+    [-lim, lim]^2, each scaled to unit length (the direction is what the picture shows)."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(3, 3))
+    g = torch.linspace(-lim, lim, n)
+    pts = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2)
+    with torch.no_grad():
+        v = fn(pts).detach().cpu()
+    v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    ax.quiver(pts[:, 0], pts[:, 1], v[:, 0], v[:, 1], color=color, width=0.004, scale=n * 1.1)
+    return _square(ax, lim, title)

@@ -134,3 +134,14 @@ def test_the_same_call_trains_under_ddp(tmp_path):
     a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert all(torch.allclose(x, y) for x, y in zip(a, b))
     assert train.load_checkpoint(tmp_path / "ddp.pt")["step"] == 6  # rank 0 wrote it
+
+
+def test_history_averages_each_value_over_the_steps_that_report_it():
+    net = torch.nn.Linear(1, 1)
+
+    def loss_fn(m, batch, g, step):
+        loss = m(batch).pow(2).mean()
+        return loss, ({"sometimes": 3.0} if step % 2 == 0 else {})
+
+    run = train.train(net, loss_fn, lambda g: torch.ones(4, 1), 10, log_every=10, progress=False)
+    assert run.history["sometimes"] == [3.0]  # not 1.5: five reports in ten steps
