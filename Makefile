@@ -33,10 +33,15 @@ lint: setup
 # Run one chapter through papermill: make reproduce CHAPTER=00 PROFILE=gpu [SEED=1] [OUT=...]
 # The profile goes in through OSD_PROFILE (the parameters cell's default), so the executed
 # notebook has no injected-parameters cell and still runs at the ci profile under nbval.
+# It is written under runs/executing/ first and moved to OUT at the end, so that a chapter
+# refreshed in place does not make the checkout look modified while it runs (its results
+# record names the commit, with +dirty only for real uncommitted changes).
 reproduce: setup
 	@test -n "$(NOTEBOOK)" || (echo "no notebook matches notebooks/$(CHAPTER)*.ipynb" && exit 2)
-	mkdir -p $(dir $(OUT))
-	OSD_PROFILE=$(PROFILE) $(BIN)/papermill $(NOTEBOOK) $(OUT) $(if $(SEED),-p seed $(SEED))
+	mkdir -p $(dir $(OUT)) runs/executing
+	OSD_PROFILE=$(PROFILE) $(BIN)/papermill $(NOTEBOOK) runs/executing/$(notdir $(OUT)) \
+		$(if $(SEED),-p seed $(SEED))
+	mv runs/executing/$(notdir $(OUT)) $(OUT)
 
 # Regenerate the results tables of README.md and book/results.md from results/*.json.
 results: setup
