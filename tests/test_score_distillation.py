@@ -138,14 +138,18 @@ def test_toy_vsd_covers_modes_sds_does_not():
     assert sds < vsd, (sds, vsd)
 
 
-def test_ttur_updates_the_generator_every_gen_every_iterations():
-    real = GaussianMixtureTeacher.eight_gaussians()
-    model = sd.Distiller(
+def _tiny_distiller(discriminator=False):
+    return sd.Distiller(
         sd.Generator(nets.build("mlp-2d", (2,), hidden=16)),
         nets.build("mlp-2d", (2,), hidden=16),
         (2,),
-        discriminator=True,
+        discriminator=discriminator,
     )
+
+
+def test_ttur_updates_the_generator_every_gen_every_iterations():
+    real = GaussianMixtureTeacher.eight_gaussians()
+    model = _tiny_distiller(discriminator=True)
     recipe = sd.Recipe(gen_every=3, gan_gen=1.0, gan_critic=1.0)
     g = torch.Generator().manual_seed(0)
     batch = data.eight_gaussians(64, g)
@@ -161,11 +165,7 @@ def test_ttur_updates_the_generator_every_gen_every_iterations():
 
 def test_distill_checks_its_inputs():
     real = GaussianMixtureTeacher.eight_gaussians()
-    model = sd.Distiller(
-        sd.Generator(nets.build("mlp-2d", (2,), hidden=16)),
-        nets.build("mlp-2d", (2,), hidden=16),
-        (2,),
-    )
+    model = _tiny_distiller()
     with pytest.raises(ValueError, match="pairs"):
         sd.distill(sd.Recipe(regression=0.25), real, model, lambda g: None, 1)
     with pytest.raises(ValueError, match="discriminator=True"):
@@ -177,11 +177,7 @@ def test_regression_loss_uses_teacher_pairs(tmp_path):
 
     real = GaussianMixtureTeacher.eight_gaussians()
     pairs = rectified_flow.generate_pairs(real, 64, tmp_path / "pairs", steps=10, progress=False)
-    model = sd.Distiller(
-        sd.Generator(nets.build("mlp-2d", (2,), hidden=16)),
-        nets.build("mlp-2d", (2,), hidden=16),
-        (2,),
-    )
+    model = _tiny_distiller()
     g = torch.Generator().manual_seed(0)
     _, logs = sd.loss_fn(
         sd.Recipe(regression=1.0), real, model, data.eight_gaussians(32, g), g, 0, pairs

@@ -38,16 +38,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import paths
+from ..paths import _b
 from ..teachers import FlowTeacher, Teacher
 from ..train import TrainResult, train
 from . import flow_matching
 
 WEIGHTINGS = ("diff-instruct", "vsd", "dmd")
 DIVERGENCES = ("reverse-kl", "forward-kl", "js")
-
-
-def _b(v: Tensor, like: Tensor) -> Tensor:
-    return paths._b(v, like)
 
 
 # --------------------------------------------------------------------------------------
