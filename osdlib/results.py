@@ -50,7 +50,13 @@ def device_name(device: str | torch.device = "cpu") -> str:
 
 
 def git_commit() -> str:
-    """The commit of the checkout (with ``+dirty`` when it has uncommitted changes)."""
+    """The commit of the checkout (with ``+dirty`` when it has uncommitted changes).
+
+    ``$OSD_GIT_COMMIT`` overrides it: a copy of the checkout without its ``.git`` folder (an
+    offline GPU node, see ``scripts/offline_run.sh``) records the commit it was made from.
+    """
+    if os.environ.get("OSD_GIT_COMMIT"):
+        return os.environ["OSD_GIT_COMMIT"]
     root = repo_root() or Path.cwd()
     try:
         rev = subprocess.run(

@@ -307,8 +307,9 @@ def teacher_spec(settings: dict) -> dict:
         "image_lr",
         "ema_decay",
         "seed",
+        "image_seconds",  # a wall-clock cap changes what is trained
     )
-    return {k: settings[k] for k in keys}
+    return {k: settings.get(k) for k in keys}
 
 
 def _key(spec: dict) -> str:

@@ -23,7 +23,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ class TrainResult:
     wall_s: float = 0.0
     steps: int = 0
     resumed_from: int = 0
+    stopped_early: bool = False  # True when ``max_seconds`` ended the run before ``steps``
 
     @property
     def steps_per_s(self) -> float:
@@ -62,10 +63,26 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))
-        for e, p in zip(self.module.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1.0 - decay)
+        # one fused call over all parameters: on a GPU a per-parameter loop launches hundreds
+        # of tiny kernels per step
+        ema_params = list(self.module.parameters())
+        params = [p.detach() for p in model.parameters()]
+        if ema_params:
+            torch._foreach_lerp_(ema_params, params, 1.0 - decay)
         for e, b in zip(self.module.buffers(), model.buffers()):
             e.copy_(b)
+
+
+@contextmanager
+def borrowed(module: nn.Module, device: str | torch.device):
+    """Move a frozen helper (a teacher a loss calls) to ``device`` for the block, then put it
+    back where it was: the counterpart of :func:`train` returning a model to its device."""
+    home = next(iter([*module.parameters(), *module.buffers()]), torch.empty(0)).device
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -122,6 +139,17 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
+def _out_of_time(t0: float, max_seconds: float, world: int) -> bool:
+    """Whether the wall-clock cap is reached; under DDP every rank takes rank 0's answer, so
+    that all ranks stop at the same step."""
+    late = time.perf_counter() - t0 >= max_seconds
+    if world > 1:
+        flag = torch.tensor([float(late)], device="cuda" if torch.cuda.is_available() else "cpu")
+        torch.distributed.broadcast(flag, src=0)
+        late = bool(flag.item())
+    return late
+
+
 def train(
     model: nn.Module,
     loss_fn: Callable[..., Tensor | tuple[Tensor, dict[str, float]]],
@@ -141,6 +169,8 @@ def train(
     log_every: int = 50,
     progress: bool = True,
     desc: str = "train",
+    max_seconds: float | None = None,
+    amp: bool = True,
 ) -> TrainResult:
     """Train ``model`` for ``steps`` optimizer steps (see the module docstring).
 
@@ -149,6 +179,13 @@ def train(
     fourth parameter ``step`` also receives the step number (for schedules). With ``ckpt_path``
     set, a checkpoint is written every ``ckpt_every`` steps and at the end, and an existing
     one is resumed from when ``resume`` is true.
+
+    The model is trained on ``device`` and returned (with its EMA) on the device it was on
+    when passed in. ``max_seconds`` is a wall-clock cap: training stops after the step during which it is
+    reached, and ``TrainResult.steps`` says how many steps ran (``stopped_early`` is set).
+    The ``gpu`` profile uses it so that a chapter keeps to its time budget on any GPU; the
+    schedules of a method still refer to the planned ``steps``. ``amp=False`` turns off
+    bf16 autocast on CUDA (small 2-D models want full precision and gain nothing from it).
     """
     import inspect
     import sys
@@ -158,6 +195,7 @@ def train(
     wants_step = "step" in inspect.signature(loss_fn).parameters
 
     device = torch.device(device)
+    home = next(iter(model.parameters()), torch.empty(0)).device  # where the model came from
     rank, world = _dist_info()
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -206,7 +244,9 @@ def train(
         )
 
     autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda" and amp
+        else nullcontext()
     )
     model.train()
     running: dict[str, float] = {}
@@ -220,7 +260,17 @@ def train(
         total=steps,
         mininterval=1.0 if sys.stderr.isatty() else 5.0,  # few stored lines in notebooks
     )
+    stopped_early = False
     for step in bar:
+        if max_seconds is not None and step > start and _out_of_time(t0, max_seconds, world):
+            stopped_early = True
+            steps = step  # the checkpoint and the result say how far it got
+            if counts:  # keep the partly filled logging interval
+                history["step"].append(step)
+                for k, v in running.items():
+                    history.setdefault(k, []).append(v / counts[k])
+            bar.set_postfix_str(f"stopped by the {max_seconds:.0f} s cap", refresh=False)
+            break
         if warmup:
             for g, base in zip(opt.param_groups, base_lrs):
                 g["lr"] = base * min(1.0, (step + 1) / warmup)
@@ -254,7 +304,12 @@ def train(
             running, counts = {}, {}
         if ckpt_every and done % ckpt_every == 0 and done != steps:
             checkpoint(done)
+    bar.close()
     wall = time.perf_counter() - t0
     checkpoint(steps)
     model.eval()
-    return TrainResult(model, ema.module, history, wall, steps, start)
+    # the model (and its EMA) go back to the device they came from: ``device`` is where the
+    # work is done, so a small CPU model trained on a GPU is evaluated on the CPU as before
+    model.to(home)
+    ema.module.to(home)
+    return TrainResult(model, ema.module, history, wall, steps, start, stopped_early)

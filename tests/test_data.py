@@ -131,3 +131,36 @@ def test_load_names_and_cifar_folder(tmp_path, monkeypatch):
 def test_to_uint8_rounds():
     x = torch.tensor([-1.0, -0.999, 0.0, 0.5, 1.0, 1.5])
     assert data.to_uint8(x).tolist() == [0, 0, 128, 191, 255, 255]
+
+
+def test_image_folder_caches_the_decoded_tensor(tmp_path, monkeypatch):
+    monkeypatch.setenv("OSD_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "imgs"
+    for i, arr in enumerate(_random_images(4, 8)):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(root / f"c{i % 2}" / f"{i}.png")
+    first = data.image_folder(root, progress=False)
+    (cached,) = (tmp_path / "cache" / "decoded").glob("*.npz")
+    again = data.image_folder(root, progress=False)
+    assert torch.equal(first.images, again.images) and torch.equal(first.labels, again.labels)
+    # a new file is a new data set: decoded again, under another key
+    Image.fromarray(_random_images(1, 8)[0]).save(root / "c0" / "9.png")
+    assert len(data.image_folder(root, progress=False)) == 5
+    assert len(list((tmp_path / "cache" / "decoded").glob("*.npz"))) == 2
+    assert len(data.image_folder(root, progress=False, cache=False)) == 5
+    assert cached.exists()
+
+
+def test_load_cifar_test_split_beside_train(tmp_path):
+    for split in ("train", "test"):
+        for c in ("airplane", "automobile"):
+            (tmp_path / split / c).mkdir(parents=True)
+            img = Image.fromarray(_random_images(1, 32)[0])
+            for i in range(2 if split == "train" else 1):
+                img.save(tmp_path / split / c / f"{i}.png")
+    train_set = data.load("cifar10", root=tmp_path / "train")
+    test_set = data.load("cifar10", root=tmp_path / "train", split="test")
+    assert (len(train_set), len(test_set)) == (4, 2)
+    assert test_set.name == "cifar10-test" and test_set.class_names == train_set.class_names
+    with pytest.raises(ValueError, match="only known for cifar10"):
+        data.load("digits", split="test")

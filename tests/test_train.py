@@ -145,3 +145,33 @@ def test_history_averages_each_value_over_the_steps_that_report_it():
 
     run = train.train(net, loss_fn, lambda g: torch.ones(4, 1), 10, log_every=10, progress=False)
     assert run.history["sometimes"] == [3.0]  # not 1.5: five reports in ten steps
+
+
+def test_max_seconds_stops_early_and_says_how_far_it_got(tmp_path):
+    import time
+
+    net = nets.build("mlp-2d", (2,), hidden=16)
+
+    def slow_loss(model, batch, g):
+        time.sleep(0.02)
+        return flow_matching.loss(model, batch, generator=g)
+
+    result = train.train(
+        net,
+        slow_loss,
+        lambda g: data.toy("moons")(32, generator=g),
+        steps=10_000,
+        max_seconds=0.3,
+        progress=False,
+        log_every=1000,
+        ckpt_path=tmp_path / "c.pt",
+    )
+    assert result.stopped_early
+    assert 3 <= result.steps < 100
+    assert result.history["step"] == [result.steps]  # the partial logging interval is kept
+    assert train.load_checkpoint(tmp_path / "c.pt")["step"] == result.steps
+    # without a cap the same call runs every step
+    full = train.train(
+        net, slow_loss, lambda g: data.toy("moons")(32, generator=g), steps=5, progress=False
+    )
+    assert not full.stopped_early and full.steps == 5

@@ -97,11 +97,13 @@ def train_image_teacher(
         progress=progress,
         ckpt_path=settings.get("ckpt_path"),
         ckpt_every=settings.get("ckpt_every", 0),
+        max_seconds=settings.get("image_seconds"),
     )
     info = {
         "history": result.history,
         "train_wall_s": result.wall_s,
         "train_images_per_s": result.steps_per_s * settings["image_batch"],
         "steps": result.steps,
+        "stopped_early": result.stopped_early,
     }
     return result.ema, info

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .. import paths
 from ..losses import Distance, distance
-from ..train import TrainResult, train
+from ..train import TrainResult, borrowed, train
 from . import flow_matching
 
 
@@ -266,14 +266,15 @@ def train_flow_guided(
         guide = flow_guided_loss(m, teacher, fresh, y, g, d)
         return main + guide_weight * guide, {"distill": main.item(), "guide": guide.item()}
 
-    return train(
-        net,
-        loss_fn,
-        lambda g: pairs.batch(batch, g),
-        steps,
-        desc=kwargs.pop("desc", "flow-guided distillation"),
-        **kwargs,
-    )
+    with borrowed(teacher, kwargs.get("device", "cpu")):  # it runs where the training runs
+        return train(
+            net,
+            loss_fn,
+            lambda g: pairs.batch(batch, g),
+            steps,
+            desc=kwargs.pop("desc", "flow-guided distillation"),
+            **kwargs,
+        )
 
 
 __all__ = [

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from .. import paths
 from ..paths import _b
 from ..teachers import FlowTeacher, Teacher
-from ..train import TrainResult, train
+from ..train import TrainResult, borrowed, train
 from . import flow_matching
 
 WEIGHTINGS = ("diff-instruct", "vsd", "dmd")
@@ -410,6 +410,8 @@ def distill(
         return loss_fn(recipe, real, m, batch, g, step, pairs)
 
     kwargs.setdefault("grad_clip", None)
-    return train(
-        model, fn, batch_fn, steps, optimizer=opt, desc=kwargs.pop("desc", "distill"), **kwargs
-    )
+    # the real score runs where the training runs (a CPU toy teacher on a GPU run)
+    with borrowed(real, kwargs.get("device", "cpu")):
+        return train(
+            model, fn, batch_fn, steps, optimizer=opt, desc=kwargs.pop("desc", "distill"), **kwargs
+        )
