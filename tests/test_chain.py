@@ -1,0 +1,95 @@
+"""The gpu-profile chain (scripts/run_chapters.py) end to end on a tiny class-folder data set.
+
+The same script runs the book on a GPU (`make gpu-book`, scripts/offline_run.sh); here every
+chapter runs at the gpu profile's settings with its step counts and sample sizes shrunk
+(``--dry-run``), on 200 random 32x32 images in CIFAR-10's folder layout, on the CPU.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "run_chapters.py"
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _fixture(root: Path, per_class: int) -> Path:
+    rng = np.random.default_rng(0)
+    for c in CLASSES:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(img).save(root / c / f"{i:04d}.jpg", quality=90)
+    return root
+
+
+def _run(*args, env=None, timeout=900):
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def test_bad_input_says_what_to_do(tmp_path):
+    out = _run("--profile", "gpu", "--data-root", str(tmp_path / "missing"), "--out", str(tmp_path))
+    assert out.returncode == 2 and "does not exist" in out.stderr
+    (tmp_path / "flat").mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "flat" / "0.jpg")
+    out = _run("--profile", "gpu", "--data-root", str(tmp_path / "flat"), "--out", str(tmp_path))
+    assert out.returncode == 2 and "class sub-folders" in out.stderr
+    out = _run("--chapters", "99", "--profile", "ci", "--out", str(tmp_path))
+    assert out.returncode != 0 and "unknown chapter" in out.stderr
+    assert not list(tmp_path.glob("*.ipynb"))  # nothing was half-written
+
+
+def test_gpu_chain_dry_run_on_a_class_folder_fixture(tmp_path):
+    import os
+
+    train = _fixture(tmp_path / "data" / "train", per_class=20)  # 200 images
+    env = dict(
+        os.environ,
+        OSD_CACHE_DIR=str(tmp_path / "cache"),
+        OSD_DATA_DIR=str(tmp_path / "data"),
+        MPLBACKEND="Agg",
+    )
+    out_dir = tmp_path / "out"
+    overrides = {"all": {"fid": False}}  # FID has its own tests (tests/test_fid.py)
+    proc = _run(
+        "--profile",
+        "gpu",
+        "--dry-run",
+        "--data-root",
+        str(train),
+        "--dataset-label",
+        "random fixture",
+        "--overrides",
+        json.dumps(overrides),
+        "--budget-scale",
+        "5",
+        "--out",
+        str(out_dir),
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out_dir / "chapters.json").read_text())
+    notebooks = sorted(p.name for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    assert [c["chapter"] + ".ipynb" for c in summary["chapters"]] == notebooks
+    assert all(c["status"] == "ok" for c in summary["chapters"])
+    for name in notebooks:  # executed, with the chain's records and figures
+        nb = json.loads((out_dir / name).read_text())
+        assert nb["metadata"]["papermill"]["exception"] is None
+    records = sorted((out_dir / "results").glob("*/gpu-cpu.json"))
+    assert len(records) == len(notebooks)
+    rec = json.loads(records[0].read_text())
+    assert rec["profile"] == "gpu" and rec["dataset"] == "random fixture"
+    assert list((out_dir / "figures").glob("00-*.png"))
