@@ -220,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget-scale", type=float, default=1.0, help="multiply every budget")
     p.add_argument("--deadline", type=float, help="seconds for the whole run")
+    p.add_argument(
+        "--deadline-at", type=float, help="the same as a Unix time (e.g. $(date +%%s) + 600)"
+    )
     p.add_argument("--log-output", action="store_true", help="stream the notebooks' output")
     args = p.parse_args(argv)
 
@@ -252,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         env["OSD_DATASET_LABEL"] = args.dataset_label  # the parameters cell's default
 
     start = time.perf_counter()
+    if args.deadline_at is not None:
+        left = args.deadline_at - time.time()
+        args.deadline = left if args.deadline is None else min(args.deadline, left)
     summary = []
     for notebook in chapters(args.chapters):
         budget = BUDGETS.get(notebook.name[:2], DEFAULT_BUDGET) * args.budget_scale
