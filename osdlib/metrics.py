@@ -436,7 +436,7 @@ def train_classifier(
         progress=progress,
         desc="classifier (for the proxy metric)",
     )
-    clf = result.model.eval()
+    clf = result.model.to(device).eval()  # train() hands it back on the CPU it was built on
     acc = accuracy(clf, test_set.float_images(), test_set.labels, device=device)
     return clf, {
         "test_accuracy": acc,
