@@ -146,6 +146,8 @@ def read_records(root: str | Path | None = None) -> list[dict]:
     out = []
     for p in sorted(root.glob("*/*.json")):
         rec = json.loads(p.read_text())
+        if "chapter" not in rec:  # e.g. results/benchmarks/: measurements, not chapter runs
+            continue
         rec["_path"] = str(p.relative_to(root))
         out.append(rec)
     return out
