@@ -132,6 +132,11 @@ def write_record(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra or {}),
     }
+    if settings.get("fid"):  # which Inception weights the FIDs used (fp16 files say so)
+        from .metrics import find_inception_weights
+
+        weights = find_inception_weights()
+        record["fid_weights"] = weights.name if weights else "torch-fidelity download"
     path = Path(root or results_dir()) / chapter / f"{settings['profile']}-{device}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")

@@ -111,5 +111,5 @@ def in_chunks(
     out = []
     for i in range(0, len(z), chunk):
         yy = None if y is None else y[i : i + chunk].to(device)
-        out.append(fn(z[i : i + chunk].to(device), yy).cpu())
+        out.append(fn(z[i : i + chunk].to(device), yy).float().cpu())
     return torch.cat(out)

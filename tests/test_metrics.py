@@ -73,6 +73,31 @@ def test_accuracy_and_proxy_fd():
     assert metrics.proxy_fd(clf, x, x.flip(0) * 0.5) > 0.1
 
 
+def test_proxy_fd_keeps_reference_features_only_while_they_are_valid():
+    class Linear(torch.nn.Linear):
+        def features(self, x):  # proxy_features reads .features
+            return self(x.flatten(1))
+
+    torch.manual_seed(0)
+    clf = Linear(16, 8)
+    ref = torch.randn(200, 1, 4, 4)
+    x = torch.randn(200, 1, 4, 4) + 0.3
+    first = metrics.proxy_fd(clf, x, ref)
+    assert metrics.proxy_fd(clf, x, ref) == first  # the same reference, cached
+    with torch.no_grad():  # new weights: the cached reference features must not be reused
+        clf.weight.mul_(2.0)
+    fresh = metrics.proxy_fd(clf, x, ref)
+    expected = metrics.frechet_distance(
+        metrics.proxy_features(clf, x), metrics.proxy_features(clf, ref)
+    )
+    assert fresh == pytest.approx(expected) and fresh != pytest.approx(first)
+
+
+def test_fid_label():
+    assert metrics.fid_label(5000) == "FID (5k)" and metrics.fid_label(50_000) == "FID (50k)"
+    assert metrics.fid_label(200) == "FID (200)"
+
+
 def test_fid_pipeline_with_a_registered_feature_extractor():
     """The real torch-fidelity path (uint8 rounding, datasets, statistics) with a tiny
     extractor registered for the test, since Inception weights cannot be downloaded here."""

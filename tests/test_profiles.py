@@ -32,3 +32,29 @@ def test_overrides_and_table():
 def test_profiles_grow():
     sizes = [profiles.resolve("foundations", p).image_steps for p in ("ci", "book")]
     assert sizes[0] < sizes[1]
+
+
+def test_every_profile_of_a_chapter_has_the_same_settings():
+    for chapter, by_profile in profiles.CHAPTERS.items():
+        keys = {p: set(s) for p, s in by_profile.items()}
+        assert len({frozenset(k) for k in keys.values()}) == 1, (chapter, keys)
+
+
+def test_gpu_profile_on_a_cpu_machine_and_its_sampling_context():
+    import contextlib
+
+    import torch
+
+    s = profiles.resolve("foundations", "gpu")
+    if not torch.cuda.is_available():  # a dry run of the gpu settings on the CPU
+        assert s.device == "cpu" and s.toy_device == "cpu"
+        assert isinstance(profiles.sampling(s), contextlib.nullcontext)
+    assert s.fid and s.sample_bf16 and s.image_seconds
+    import warnings
+
+    with warnings.catch_warnings():  # "CUDA is not available": only the object is checked
+        warnings.simplefilter("ignore")
+        bf16 = profiles.sampling({"sample_bf16": True, "device": "cuda"})
+    assert isinstance(bf16, torch.autocast) and bf16.fast_dtype == torch.bfloat16
+    paper = profiles.resolve("foundations", "paper")
+    assert not paper.sample_bf16 and paper.image_seconds is None  # the papers' protocol
