@@ -9,7 +9,8 @@
 #
 # then copy KIT, the checkout and a class-folder zip of the data to the node and run
 # scripts/offline_run.sh there. FID_DTYPE=fp32 writes the 87 MB fp32 weights instead of the
-# 44 MB fp16 file (made for transfers capped at 64 MiB).
+# 44 MB fp16 file (made for transfers capped at 64 MiB); the wheels are about 32 MB, less
+# with SKIP naming packages the node has.
 set -euo pipefail
 KIT=${1:?usage: scripts/offline_kit.sh KIT [PYTHON_VERSION] [PLATFORM]}
 PYVER=${2:-3.12}
@@ -28,9 +29,10 @@ echo "+ pip download papermill ipykernel diffusers (with their dependencies) for
 "$PY" -m pip download -q "${common[@]}" papermill ipykernel diffusers
 echo "+ pip download torch-fidelity (its dependencies are torch, torchvision, numpy, ...)"
 "$PY" -m pip download -q "${common[@]}" --no-deps torch-fidelity
-# what the node brings: drop those wheels (offline_run.sh also skips any installed package)
-for name in numpy pillow tqdm torch torchvision scipy matplotlib; do
-  rm -f "$KIT/wheels/${name}"-[0-9]*.whl
+# what the node brings: drop those wheels (offline_run.sh also skips any installed package);
+# SKIP="requests pyyaml ..." drops more, for a node whose package list is known (smaller kit)
+for name in numpy pillow tqdm torch torchvision scipy matplotlib ${SKIP:-}; do
+  rm -f "$KIT/wheels/${name//-/_}"-[0-9]*.whl "$KIT/wheels/${name}"-[0-9]*.whl
 done
 dtype=${FID_DTYPE:-fp16}
 flag=$([ "$dtype" = fp16 ] && echo --fp16 || true)
