@@ -175,9 +175,12 @@ class ImageData:
         )
 
     def __repr__(self) -> str:
+        # a folder's name, not its whole path: reprs end up in stored notebook outputs
+        kind, _, where = self.source.partition(":")
+        source = f"{kind}:{Path(where).name}" if where else self.source
         return (
             f"ImageData({self.name!r}, n={len(self)}, shape={self.shape}, "
-            f"classes={self.num_classes}, dtype={self.images.dtype}, source={self.source!r})"
+            f"classes={self.num_classes}, dtype={self.images.dtype}, source={source!r})"
         )
 
 

@@ -71,6 +71,17 @@ class TimeMLP(nn.Module):
         return self.out(self.features(x, t, y)).reshape(x.shape)
 
 
+def diffusers_unet():
+    """diffusers' ``UNet2DModel``, imported without the warning that tqdm.auto prints in a
+    notebook without ipywidgets (it would land in every stored output, with a file path)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        from diffusers import UNet2DModel
+    return UNet2DModel
+
+
 class UNet(nn.Module):
     """diffusers ``UNet2DModel`` behind the ``net(x, t, y)`` interface.
 
@@ -80,8 +91,7 @@ class UNet(nn.Module):
 
     def __init__(self, **config) -> None:
         super().__init__()
-        from diffusers import UNet2DModel
-
+        UNet2DModel = diffusers_unet()
         self.unet = UNet2DModel(**config)
         self.num_classes = config.get("num_class_embeds")
 

@@ -260,9 +260,11 @@ class DDPMTeacher(Teacher):
     ) -> DDPMTeacher:
         """Load ``UNet2DModel`` + ``DDPMScheduler`` from a hub id or a local directory
         (the layout written by ``DDPMPipeline.save_pretrained``)."""
-        from diffusers import DDPMScheduler, UNet2DModel
+        from .nets import diffusers_unet
 
-        unet = UNet2DModel.from_pretrained(name_or_path, subfolder="unet", **kwargs)
+        unet = diffusers_unet().from_pretrained(name_or_path, subfolder="unet", **kwargs)
+        from diffusers import DDPMScheduler  # after diffusers_unet(): imported quietly there
+
         sched = DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler", **kwargs)
         return cls(unet, sched.alphas_cumprod, sched.config.prediction_type).to(device).eval()
 

@@ -151,6 +151,18 @@ def extract_figures(notebook: Path, folder: Path) -> list[Path]:
     return written
 
 
+def _relative_paths(target: Path, notebook: Path) -> None:
+    """Papermill stores the absolute input and output paths in the notebook's metadata; keep
+    them relative (the chapter's path in the checkout, the output's file name), so that an
+    executed notebook that gets committed says nothing about the machine it ran on."""
+    nb = json.loads(target.read_text())
+    meta = nb.get("metadata", {}).get("papermill", {})
+    if meta:
+        meta["input_path"] = str(notebook.relative_to(ROOT))
+        meta["output_path"] = target.name
+        target.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+
+
 def run_chapter(
     notebook: Path, out: Path, env: dict, budget: float, parameters: dict, log_output: bool
 ) -> dict:
@@ -182,6 +194,8 @@ def run_chapter(
             "cells that finished. Shrink its settings (overrides) or raise --budget-scale."
         )
     wall = time.perf_counter() - start
+    if target.exists():
+        _relative_paths(target, notebook)
     print(f"=== {notebook.stem}: {status} in {wall:.0f} s {message}", flush=True)
     return {
         "chapter": notebook.stem,

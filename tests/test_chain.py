@@ -2,7 +2,8 @@
 
 The same script runs the book on a GPU (`make gpu-book`, scripts/offline_run.sh); here every
 chapter runs at the gpu profile's settings with its step counts and sample sizes shrunk
-(``--dry-run``), on 200 random 32x32 images in CIFAR-10's folder layout, on the CPU.
+(``--dry-run``), on 200 random 32x32 images in CIFAR-10's folder layout (found where the
+chapters look, ``$OSD_DATA_DIR/cifar10/train``), on the CPU.
 """
 
 import json
@@ -54,7 +55,7 @@ def test_bad_input_says_what_to_do(tmp_path):
 def test_gpu_chain_dry_run_on_a_class_folder_fixture(tmp_path):
     import os
 
-    train = _fixture(tmp_path / "data" / "train", per_class=20)  # 200 images
+    _fixture(tmp_path / "data" / "cifar10" / "train", per_class=20)  # 200 images
     env = dict(
         os.environ,
         OSD_CACHE_DIR=str(tmp_path / "cache"),
@@ -67,8 +68,6 @@ def test_gpu_chain_dry_run_on_a_class_folder_fixture(tmp_path):
         "--profile",
         "gpu",
         "--dry-run",
-        "--data-root",
-        str(train),
         "--dataset-label",
         "random fixture",
         "--overrides",
@@ -87,6 +86,8 @@ def test_gpu_chain_dry_run_on_a_class_folder_fixture(tmp_path):
     for name in notebooks:  # executed, with the chain's records and figures
         nb = json.loads((out_dir / name).read_text())
         assert nb["metadata"]["papermill"]["exception"] is None
+        assert nb["metadata"]["papermill"]["input_path"] == f"notebooks/{name}"  # no machine paths
+        assert str(tmp_path) not in json.dumps(nb)
     records = sorted((out_dir / "results").glob("*/gpu-cpu.json"))
     assert len(records) == len(notebooks)
     rec = json.loads(records[0].read_text())

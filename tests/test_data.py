@@ -57,6 +57,7 @@ def test_image_folder_png_exact_and_jpeg(tmp_path):
     resized = data.image_folder(tmp_path, size=8, progress=False)
     assert resized.shape == (3, 8, 8)
     assert data.load(f"folder:{tmp_path}").shape == (3, 12, 12)
+    assert str(tmp_path) not in repr(d)  # reprs land in stored outputs: no machine paths
 
 
 def test_image_folder_missing(tmp_path):
