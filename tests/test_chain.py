@@ -52,6 +52,29 @@ def test_bad_input_says_what_to_do(tmp_path):
     assert not list(tmp_path.glob("*.ipynb"))  # nothing was half-written
 
 
+def test_preflight_asks_for_fid_weights_only_when_fid_runs(tmp_path, monkeypatch):
+    import importlib.util
+
+    from osdlib import metrics
+
+    spec = importlib.util.spec_from_file_location("run_chapters", SCRIPT)
+    run_chapters = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_chapters)
+    data = _fixture(tmp_path / "train", per_class=1)
+    monkeypatch.setenv("OSD_CACHE_DIR", str(tmp_path / "cache"))  # no converted weights here
+    monkeypatch.delenv("OSD_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setattr(run_chapters, "_online", lambda *a, **k: False)
+    monkeypatch.setattr(metrics, "fid_helper_installed", lambda: False)
+    (problem,) = run_chapters.preflight("gpu", str(data), fid=True)
+    assert "make fid-weights" in problem
+    assert run_chapters.preflight("gpu", str(data), fid=False) == []
+    monkeypatch.setattr(metrics, "fid_helper_installed", lambda: True)  # converted on first use
+    assert run_chapters.preflight("gpu", str(data), fid=True) == []
+    monkeypatch.setenv("OSD_INCEPTION_WEIGHTS", str(tmp_path / "missing.pth"))
+    (problem,) = run_chapters.preflight("gpu", str(data), fid=True)
+    assert "missing.pth" in problem
+
+
 def test_gpu_chain_dry_run_on_a_class_folder_fixture(tmp_path):
     import os
 
@@ -60,7 +83,6 @@ def test_gpu_chain_dry_run_on_a_class_folder_fixture(tmp_path):
         os.environ,
         OSD_CACHE_DIR=str(tmp_path / "cache"),
         OSD_DATA_DIR=str(tmp_path / "data"),
-        MPLBACKEND="Agg",
     )
     out_dir = tmp_path / "out"
     overrides = {"all": {"fid": False}}  # FID has its own tests (tests/test_fid.py)

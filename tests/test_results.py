@@ -30,7 +30,10 @@ def test_papers_file_cites_known_references():
 def test_every_committed_record_is_complete():
     for p in sorted((ROOT / "results").glob("*/*.json")):
         rec = json.loads(p.read_text())
-        assert {"profile", "device", "commit", "metrics", "rows", "wall_s"} <= set(rec), p
+        if p.parent.name == "benchmarks":  # measurements of their own kind, not chapter runs
+            assert "wall_s" in rec and ("nvidia" in p.stem or "cpu" in p.stem), p
+            continue
+        assert {"chapter", "profile", "device", "commit", "metrics", "rows", "wall_s"} <= set(rec), p
         assert p.name == f"{rec['profile']}-{rec['device']}.json"
 
 
