@@ -33,7 +33,9 @@ def test_every_committed_record_is_complete():
         if p.parent.name == "benchmarks":  # measurements of their own kind, not chapter runs
             assert "wall_s" in rec and ("nvidia" in p.stem or "cpu" in p.stem), p
             continue
-        assert {"chapter", "profile", "device", "commit", "metrics", "rows", "wall_s"} <= set(rec), p
+        assert {"chapter", "profile", "device", "commit", "metrics", "rows", "wall_s"} <= set(
+            rec
+        ), p
         assert p.name == f"{rec['profile']}-{rec['device']}.json"
 
 
