@@ -15,7 +15,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e ".[book,dev,fid]"
+	$(BIN)/python -m pip install -e ".[book,dev,fid,t2i]"
 	touch $@
 
 # The browsable book in _build/html (renders the notebooks' stored outputs).

@@ -419,8 +419,11 @@ def train_classifier(
     device: str = "cpu",
     progress: bool = True,
     holdout: float = 0.2,
+    net: Callable[[], nn.Module] | None = None,
+    desc: str = "classifier (for the proxy metric)",
 ) -> tuple[nn.Module, dict]:
-    """Train :class:`~osdlib.nets.SmallClassifier` on a split of ``data``.
+    """Train :class:`~osdlib.nets.SmallClassifier` (or the module ``net()`` builds) on a
+    split of ``data``.
 
     Returns the classifier (eval mode) and ``{"test_accuracy", "train_wall_s", ...}``
     measured on the held-out ``holdout`` fraction.
@@ -432,7 +435,10 @@ def train_classifier(
     width = 32 if data.shape[-1] <= 16 else 64
     with torch.random.fork_rng():  # the same initial weights whatever ran before
         torch.manual_seed(seed)
-        net = SmallClassifier(data.shape[0], data.num_classes, width=width)
+        if net is None:
+            net = SmallClassifier(data.shape[0], data.num_classes, width=width)
+        else:
+            net = net()
 
     def loss_fn(m, b, g):
         x, y = b
@@ -451,7 +457,7 @@ def train_classifier(
         seed=seed,
         device=device,
         progress=progress,
-        desc="classifier (for the proxy metric)",
+        desc=desc,
     )
     clf = result.model.to(device).eval()  # train() hands it back on the CPU it was built on
     acc = accuracy(clf, test_set.float_images(), test_set.labels, device=device)

@@ -231,3 +231,26 @@ class SmallClassifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.body(x))
+
+
+class MLPClassifier(nn.Module):
+    """A classifier of another kind than :class:`SmallClassifier`: an MLP on the flattened
+    image. ReNO's chapter uses it as a held-out judge that is never optimised against."""
+
+    def __init__(self, shape: tuple[int, ...], num_classes: int = 10, hidden: int = 512) -> None:
+        super().__init__()
+        d = 1
+        for n in shape:
+            d *= n
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(d, hidden),
+            nn.SiLU(),
+            nn.Dropout(0.1),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)

@@ -533,6 +533,78 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
             "ablation": ["dmd", "dmd+regression", "ttur", "dmd2", "dmd2-4-step"],
         },
     },
+    # ReNO optimises the noise of frozen one-step generators (see osdlib.generators for how
+    # they are made). `generator_scale` multiplies the source chapters' step counts when a
+    # generator is not in the cache, `generator_seconds` caps each of its training runs;
+    # `batch` independent problems per seed, `reno_steps` forward passes each (best-of-N uses
+    # the same number of draws); `intensity_quantile` sets the mean-intensity target at that
+    # quantile of the real images (beyond almost all of them: thick digits, bright photos).
+    "reno": {
+        "ci": {
+            "generators": ["2-rf-distilled", "ect", "dmd2"],
+            "generator_scale": 1.0,
+            "generator_seconds": None,
+            "batch": 40,
+            "reno_steps": 10,
+            "seeds": 2,
+            "lam": 0.01,
+            "lam_sweep": [0.0, 0.01, 1.0],
+            "intensity_quantile": 0.995,
+            "intensity_scale": 0.02,
+            "intensity_weight": 1.0,
+            "heldout_steps": 100,
+            "t2i": "tiny",
+            "t2i_steps": 4,
+        },
+        "book": {
+            "generators": ["2-rf-distilled", "ect", "dmd2"],
+            "generator_scale": 0.5,
+            "generator_seconds": None,
+            "batch": 500,
+            "reno_steps": 50,
+            "seeds": 3,
+            "lam": 0.01,
+            "lam_sweep": [0.0, 0.001, 0.01, 0.1, 1.0],
+            "intensity_quantile": 0.995,
+            "intensity_scale": 0.02,
+            "intensity_weight": 1.0,
+            "heldout_steps": 1500,
+            "t2i": "tiny",
+            "t2i_steps": 20,
+        },
+        "gpu": {
+            "generators": ["2-rf-distilled", "ect", "dmd2"],
+            "generator_scale": 1.0,
+            "generator_seconds": 8,
+            "batch": 256,
+            "reno_steps": 50,
+            "seeds": 3,
+            "lam": 0.01,
+            "lam_sweep": [0.0, 0.01, 0.1, 1.0],
+            "intensity_quantile": 0.995,
+            "intensity_scale": 0.02,
+            "intensity_weight": 1.0,
+            "heldout_steps": 1500,
+            "t2i": "sd-turbo",
+            "t2i_steps": 50,
+        },
+        "paper": {
+            "generators": ["2-rf-distilled", "ect", "dmd2"],
+            "generator_scale": 1.0,
+            "generator_seconds": None,
+            "batch": 1000,
+            "reno_steps": 50,
+            "seeds": 3,
+            "lam": 0.01,
+            "lam_sweep": [0.0, 0.001, 0.01, 0.1, 1.0],
+            "intensity_quantile": 0.995,
+            "intensity_scale": 0.02,
+            "intensity_weight": 1.0,
+            "heldout_steps": 5000,
+            "t2i": "sd-turbo",
+            "t2i_steps": 50,
+        },
+    },
 }
 
 

@@ -106,6 +106,9 @@ def shrink(settings: dict) -> dict:
     that a CPU runs the whole chain at a GPU profile's settings in minutes."""
     small = {}
     for key, value in settings.items():
+        if key == "generator_scale":  # the source chapters' step counts (osdlib.generators)
+            small[key] = min(value, 0.02)
+            continue
         if not isinstance(value, int) or isinstance(value, bool):
             if key == "nfe_list":
                 small[key] = [1, 2]
@@ -118,6 +121,8 @@ def shrink(settings: dict) -> dict:
             small[key] = min(value, 64)
         elif key.endswith("batch"):
             small[key] = min(value, 64 if key.startswith("toy") else 8)
+        elif key == "seeds":
+            small[key] = 1
         elif key == "eval_samples":
             small[key] = min(value, 20)
         elif key == "toy_eval":

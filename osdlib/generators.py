@@ -1,0 +1,227 @@
+"""The book's one-step image generators by name, loaded from the cache or trained when missing.
+
+Chapters 01, 02 and 04 each distil the chapter-00 teacher into a one-step generator; later
+chapters (ReNO in 05, the frontier) use those generators frozen. :func:`get` returns one of
+them, ``G(z, y) -> x`` in one network call, trained with the recipe and settings of the
+chapter that teaches it (its profile's step counts, times ``scale``; ``max_seconds`` caps each
+training run) and kept in ``$OSD_CACHE_DIR/generators/<kind>-<key>/``. The key covers the
+teacher and every setting that changes the result, so a different profile or scale never
+loads the wrong network.
+
+=================  ==========  ==========================================================
+kind               chapter     recipe
+=================  ==========  ==========================================================
+``2-rf-distilled`` 01          teacher pairs -> reflow (2-RF) -> distil k = 1 on the pairs
+``ect``            02          ECT from the teacher (flow consistency), one step at sigma_max
+``dmd2``           04          DMD2: DMD gradient + TTUR + GAN, one step
+=================  ==========  ==========================================================
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from . import nets, profiles
+from .teachers import _key as teacher_key
+from .teachers import cache_dir, teacher_spec
+
+KINDS = {
+    "2-rf-distilled": ("rectified_flow", "distilled 2-RF (ch. 01)"),
+    "ect": ("consistency", "ECT (ch. 02)"),
+    "dmd2": ("dmd2", "DMD2 (ch. 04)"),
+}
+
+# the settings of each source chapter that change what is trained (the cache key)
+_RECIPE_KEYS = {
+    "2-rf-distilled": ("pairs", "pair_steps", "reflow_steps", "distill_steps", "batch", "lr"),
+    "ect": ("ect_steps", "ect_stages", "ect_lr", "batch"),
+    "dmd2": ("steps", "batch", "lr", "fake_lr", "ttur", "gan_gen", "gan_critic"),
+}
+_STEP_KEYS = {"pairs", "reflow_steps", "distill_steps", "ect_steps", "steps"}
+
+
+class OneStep(nn.Module):
+    """A one-step generator G(z, y) = x from a velocity net read at t = 1 (2-RF distilled,
+    DMD2: x = z - v(z, 1)) or a flow-consistency function at sigma_max (ECT)."""
+
+    def __init__(self, net: nn.Module, kind: str) -> None:
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"unknown generator {kind!r}; valid kinds are: {', '.join(KINDS)}")
+        self.net, self.kind = net, kind
+
+    def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        from . import paths
+        from .methods.consistency import SIGMA_MAX, FlowConsistency
+
+        if self.kind == "ect":
+            sigma = torch.full((len(z),), SIGMA_MAX, device=z.device, dtype=z.dtype)
+            return FlowConsistency(self.net)(SIGMA_MAX * z, sigma, y)
+        t = torch.ones(len(z), device=z.device, dtype=z.dtype)
+        return paths.velocity_to_x0(self.net(z, t, y), z, t)
+
+
+def recipe(kind: str, profile: str, scale: float = 1.0) -> dict:
+    """The source chapter's settings of ``kind`` at ``profile``, step counts times ``scale``."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown generator {kind!r}; valid kinds are: {', '.join(KINDS)}")
+    settings = profiles.resolve(KINDS[kind][0], profile)
+    out = {k: settings[k] for k in _RECIPE_KEYS[kind]}
+    for k in _STEP_KEYS & set(out):
+        out[k] = max(1, round(out[k] * scale))
+    if kind == "2-rf-distilled":  # how the coupling is made and stored
+        out["fp16_pairs"] = settings["fp16_pairs"]
+        out["sample_bf16"] = settings["sample_bf16"]
+    return out
+
+
+def spec(kind: str, teacher_settings: dict, profile: str, scale: float, max_seconds) -> dict:
+    """Everything that determines a cached generator."""
+    return {
+        "kind": kind,
+        "teacher": teacher_key(teacher_spec(teacher_settings)),
+        "recipe": recipe(kind, profile, scale),
+        "max_seconds": max_seconds,
+        "seed": teacher_settings.get("seed", 0),
+    }
+
+
+def _folder(s: dict, root) -> Path:
+    blob = hashlib.sha1(json.dumps(s, sort_keys=True).encode()).hexdigest()[:10]
+    return Path(root or cache_dir()) / "generators" / f"{s['kind']}-{blob}"
+
+
+def get(
+    kind: str,
+    teacher,
+    teacher_settings: dict,
+    images,
+    profile: str,
+    scale: float = 1.0,
+    max_seconds: float | None = None,
+    device: str | torch.device = "cpu",
+    root: str | Path | None = None,
+    retrain: bool = False,
+    progress: bool = True,
+) -> tuple[OneStep, dict]:
+    """The one-step generator ``kind`` distilled from ``teacher`` (frozen, eval mode, on
+    ``device``) and ``info`` (steps, wall time, whether it was trained now, the cache path)."""
+    from .train import load_weights, save_weights
+
+    s = spec(kind, teacher_settings, profile, scale, max_seconds)
+    folder = _folder(s, root)
+    weights = folder / "generator.safetensors"
+    net = nets.build(teacher_settings["image_net"], images.shape, images.num_classes)
+    if weights.exists() and not retrain:
+        load_weights(net, weights)
+        info = json.loads((folder / "info.json").read_text()) | {"trained_now": False}
+    else:
+        net, info = _train(
+            kind, teacher, s["recipe"], images, s["seed"], device, max_seconds, progress
+        )
+        save_weights(net, weights)
+        (folder / "info.json").write_text(json.dumps({**info, "spec": s}, indent=1))
+        info["trained_now"] = True
+    info["path"] = str(weights)
+    G = OneStep(net, kind).to(device).eval().requires_grad_(False)
+    return G, info
+
+
+def _copy(net: nn.Module) -> nn.Module:
+    """A trainable copy on the CPU (train() moves it to the device and back)."""
+    return copy.deepcopy(net).cpu().requires_grad_(True)
+
+
+def _train(kind, teacher, r, images, seed, device, max_seconds, progress) -> tuple[nn.Module, dict]:
+    """Train ``kind`` with the source chapter's recipe ``r``; returns (net, info)."""
+    from .methods import consistency as cm
+    from .methods import rectified_flow as rf
+    from .methods import score_distillation as sd
+
+    kw = dict(seed=seed, device=device, ema_decay=0.999, max_seconds=max_seconds)
+    kw["progress"] = progress
+    runs = []
+    if kind == "2-rf-distilled":
+        work = Path(tempfile.mkdtemp(prefix="osd-pairs-"))
+        try:
+            bf16 = {"device": torch.device(device).type, "sample_bf16": r["sample_bf16"]}
+            with profiles.sampling(bf16):  # bf16 autocast where the profile samples so
+                pairs = rf.generate_pairs(
+                    teacher,
+                    r["pairs"],
+                    work,
+                    steps=r["pair_steps"],
+                    num_classes=images.num_classes,
+                    fp16=r["fp16_pairs"],
+                    batch=1000,
+                    seed=seed,
+                    device=device,
+                )
+            train_kw = dict(kw, batch=r["batch"], lr=r["lr"])
+            runs.append(
+                rf.train_reflow(
+                    _copy(teacher.net),
+                    pairs,
+                    steps=r["reflow_steps"],
+                    desc="2-RF",
+                    **train_kw,
+                )
+            )
+            runs.append(
+                rf.train_distill(
+                    _copy(runs[0].ema), pairs, steps=r["distill_steps"], k=1, **train_kw
+                )
+            )
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        net = runs[-1].ema
+    elif kind == "ect":
+        f = cm.FlowConsistency(_copy(teacher.net))
+        runs.append(
+            cm.train_ect(
+                f,
+                lambda g: images.batch(r["batch"], generator=g),
+                r["ect_steps"],
+                stages=r["ect_stages"],
+                lr=r["ect_lr"],
+                **kw,
+            )
+        )
+        net = runs[-1].ema.net
+    else:  # dmd2
+        recipe_ = sd.Recipe(gen_every=r["ttur"], gan_gen=r["gan_gen"], gan_critic=r["gan_critic"])
+        model = sd.Distiller(
+            sd.Generator(_copy(teacher.net)),
+            _copy(teacher.net),
+            images.shape,
+            images.num_classes,
+            discriminator=True,
+        )
+        runs.append(
+            sd.distill(
+                recipe_,
+                teacher,
+                model,
+                lambda g: images.batch(r["batch"], generator=g),
+                r["steps"],
+                lr=r["lr"],
+                fake_lr=r["fake_lr"],
+                desc="DMD2",
+                **kw,
+            )
+        )
+        net = runs[-1].ema.generator.net
+    info = {
+        "steps": [run.steps for run in runs],
+        "train_wall_s": sum(run.wall_s for run in runs),
+        "stopped_by_cap": any(run.stopped_early for run in runs),
+    }
+    return net.cpu(), info

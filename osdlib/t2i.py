@@ -1,0 +1,326 @@
+"""Text to image for ReNO (chapter 05): SD-Turbo in one step, CLIP and PickScore rewards.
+
+The same :func:`osdlib.methods.reno.reno` loop that moves the noise of the book's digit and
+CIFAR-10 generators runs here on a latent text-to-image model:
+
+* :class:`OneStepT2I` — G(z, c) = decode((z - sqrt(1 - a) eps(z, T, c)) / sqrt(a)) for an
+  epsilon-prediction latent UNet at its last timestep T (a = alpha-bar at T): the x0 estimate
+  of one Euler step from pure noise, which is what SD-Turbo's scheduler computes with one
+  step (its trailing spacing starts at t = 999 with latents z sqrt(sigma^2 + 1), and the UNet
+  sees z). ``c`` is the text encoder's hidden states of the prompt, computed once.
+* :class:`CLIPReward` — r(x) = s * cos(image features, text features) of a CLIP model, with
+  s = 100 for CLIP (ReNO weight 0.01) and the model's own logit scale for PickScore (a CLIP
+  fine-tuned on human preferences, ReNO weight 0.05). HPSv2 and ImageReward (ReNO weights 5
+  and 1) need their own packages and are not wired here.
+
+Every network is frozen; gradients flow only into z. :func:`load_sd_turbo`,
+:func:`load_clip_reward` and :func:`load_pickscore` fetch the real weights (``pip install
+"osdlib[t2i]"`` and internet or a Hugging Face cache); :func:`tiny_components` builds the
+same classes with random weights from small configs, so that the whole path runs anywhere
+(the tests and the chapter's ``ci``/``book`` runs do that: their pictures are noise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Tokenize = Callable[[Sequence[str]], Tensor]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _quiet_imports():
+    """diffusers and transformers import tqdm.auto, which warns in a notebook without
+    ipywidgets (the warning, with a file path, would land in stored outputs)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        import diffusers  # noqa: F401
+        import transformers  # noqa: F401
+
+
+def _frozen(module: nn.Module) -> nn.Module:
+    return module.eval().requires_grad_(False)
+
+
+def _checkpointing(module: nn.Module) -> None:
+    """Gradient checkpointing where the module supports it (diffusers or transformers)."""
+    if getattr(module, "_supports_gradient_checkpointing", False):
+        if hasattr(module, "enable_gradient_checkpointing"):  # diffusers
+            module.enable_gradient_checkpointing()
+        elif hasattr(module, "gradient_checkpointing_enable"):  # transformers
+            module.gradient_checkpointing_enable()
+
+
+class OneStepT2I(nn.Module):
+    """A one-step latent text-to-image generator, G(z, c) -> image in [-1, 1]."""
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        vae: nn.Module,
+        text_encoder: nn.Module,
+        tokenize: Tokenize,
+        alphas_cumprod: Tensor,
+        timestep: int | None = None,
+        gradient_checkpointing: bool = True,
+    ) -> None:
+        super().__init__()
+        self.unet, self.vae, self.text_encoder = _frozen(unet), _frozen(vae), _frozen(text_encoder)
+        self.tokenize = tokenize
+        self.timestep = len(alphas_cumprod) - 1 if timestep is None else timestep
+        self.register_buffer("alpha", alphas_cumprod[self.timestep].float().clone())
+        self.scaling_factor = float(getattr(getattr(vae, "config", None), "scaling_factor", 1.0))
+        if gradient_checkpointing:
+            _checkpointing(self.unet)
+            _checkpointing(self.vae)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        cfg = self.unet.config
+        return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> Tensor:
+        """The text condition c of each prompt (the encoder's last hidden states)."""
+        ids = self.tokenize(list(prompts)).to(self.alpha.device)
+        return self.text_encoder(input_ids=ids).last_hidden_state
+
+    def forward(self, z: Tensor, c: Tensor) -> Tensor:
+        dtype = next(self.unet.parameters()).dtype
+        t = torch.full((len(z),), self.timestep, device=z.device)
+        eps = self.unet(z.to(dtype), t, encoder_hidden_states=c.to(dtype)).sample
+        x0 = (z - (1 - self.alpha).sqrt() * eps.to(z.dtype)) / self.alpha.sqrt()
+        image = self.vae.decode((x0 / self.scaling_factor).to(dtype)).sample
+        return image.float().clamp(-1, 1)
+
+
+class CLIPReward:
+    """r(x) = scale * cos(CLIP image features of x, text features of the prompts).
+
+    ``prompts`` has one prompt per sample (or one for all). Images in [-1, 1] are resized to
+    the vision tower's size (bicubic) and normalised with CLIP's mean and std, differentiably.
+    ``scale=None`` uses the model's own logit scale (PickScore's score)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenize: Tokenize,
+        prompts: Sequence[str],
+        scale: float | None = 100.0,
+        name: str = "CLIP",
+    ) -> None:
+        self.model, self.name = _frozen(model), name
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            text = _features(model.get_text_features(input_ids=tokenize(list(prompts)).to(device)))
+        self.text = F.normalize(text.float(), dim=-1)
+        self.scale = float(model.logit_scale.exp()) if scale is None else scale
+        self.size = model.config.vision_config.image_size
+        dev = {"device": device}
+        self.mean = torch.tensor(CLIP_MEAN, **dev).view(1, 3, 1, 1)
+        self.std = torch.tensor(CLIP_STD, **dev).view(1, 3, 1, 1)
+
+    def __call__(self, x: Tensor, y=None) -> Tensor:
+        x = (x.float().clamp(-1, 1) + 1) / 2
+        x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False)
+        x = (x - self.mean) / self.std
+        dtype = next(self.model.parameters()).dtype
+        image = F.normalize(
+            _features(self.model.get_image_features(pixel_values=x.to(dtype))).float(), dim=-1
+        )
+        return self.scale * (image * self.text).sum(-1)
+
+
+def _features(out) -> Tensor:
+    """transformers < 5 returns the projected features, >= 5 an output with pooler_output."""
+    return out if isinstance(out, Tensor) else out.pooler_output
+
+
+# --------------------------------------------------------------------------------------
+# The real models (internet or a Hugging Face cache needed)
+# --------------------------------------------------------------------------------------
+
+
+class WeightsUnavailable(RuntimeError):
+    """The model could not be loaded (no internet and not in the Hugging Face cache)."""
+
+
+def _load(what: str, fn):
+    try:
+        return fn()
+    except ImportError as err:
+        raise WeightsUnavailable(
+            f'{what} needs transformers: pip install "osdlib[t2i]" ({err})'
+        ) from err
+    except (OSError, ValueError) as err:
+        raise WeightsUnavailable(
+            f"could not load {what}: no internet and not in the Hugging Face cache? ({err})"
+        ) from err
+
+
+def clip_tokenizer(model_id: str, subfolder: str = "") -> Tokenize:
+    """CLIP's BPE tokenizer of ``model_id`` (padded to its 77 tokens)."""
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(model_id, subfolder=subfolder)
+
+    def tokenize(prompts: Sequence[str]) -> Tensor:
+        return tok(
+            list(prompts),
+            padding="max_length",
+            max_length=tok.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+
+    return tokenize
+
+
+def load_sd_turbo(
+    model_id: str = "stabilityai/sd-turbo",
+    device: str | torch.device = "cuda",
+    dtype: torch.dtype = torch.float16,
+) -> OneStepT2I:
+    """SD-Turbo (512x512, 4x64x64 latents) as a one-step generator."""
+
+    def load():
+        _quiet_imports()
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        kw = {"torch_dtype": dtype}
+        unet = UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", **kw)
+        vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae", **kw)
+        text = CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", **kw)
+        sched = DDPMScheduler.from_pretrained(model_id, subfolder="scheduler")
+        tokenize = clip_tokenizer(model_id, subfolder="tokenizer")
+        return OneStepT2I(unet, vae, text, tokenize, sched.alphas_cumprod).to(device)
+
+    return _load(model_id, load)
+
+
+def load_clip_reward(
+    prompts: Sequence[str],
+    model_id: str = "openai/clip-vit-large-patch14",
+    device: str | torch.device = "cuda",
+    dtype: torch.dtype = torch.float16,
+) -> CLIPReward:
+    """CLIP score (100 x cosine) of each image with its prompt."""
+
+    def load():
+        from transformers import CLIPModel
+
+        model = CLIPModel.from_pretrained(model_id, torch_dtype=dtype).to(device)
+        _checkpointing(model)
+        return CLIPReward(model, clip_tokenizer(model_id), prompts, scale=100.0, name="CLIP")
+
+    return _load(model_id, load)
+
+
+def load_pickscore(
+    prompts: Sequence[str],
+    model_id: str = "yuvalkirstain/PickScore_v1",
+    processor_id: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    device: str | torch.device = "cuda",
+    dtype: torch.dtype = torch.float16,
+) -> CLIPReward:
+    """PickScore: the preference-tuned CLIP-H's logit-scaled cosine of image and prompt."""
+
+    def load():
+        from transformers import CLIPModel
+
+        model = CLIPModel.from_pretrained(model_id, torch_dtype=dtype).to(device)
+        _checkpointing(model)
+        return CLIPReward(
+            model, clip_tokenizer(processor_id), prompts, scale=None, name="PickScore"
+        )
+
+    return _load(model_id, load)
+
+
+# --------------------------------------------------------------------------------------
+# Tiny random components: the same code path with no download
+# --------------------------------------------------------------------------------------
+
+
+def toy_tokenizer(vocab: int = 1000, length: int = 16) -> Tokenize:
+    """Words to ids by a fixed hash (bos 0, eos 1, padding 1): a stand-in for CLIP's BPE."""
+    import zlib
+
+    def tokenize(prompts: Sequence[str]) -> Tensor:
+        rows = []
+        for p in prompts:
+            ids = [0] + [2 + zlib.crc32(w.encode()) % (vocab - 2) for w in p.lower().split()]
+            ids = (ids[: length - 1] + [1]) + [1] * max(0, length - len(ids) - 1)
+            rows.append(ids[:length])
+        return torch.tensor(rows)
+
+    return tokenize
+
+
+def tiny_components(seed: int = 0, device: str | torch.device = "cpu"):
+    """(generator, clip_model, tokenize): a random 2-block UNet on 4x8x8 latents, a random
+    VAE decoding to 3x16x16, random CLIP text/vision towers (32-d). For tests and dry runs."""
+    _quiet_imports()
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
+
+    text = dict(
+        vocab_size=1000,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        projection_dim=32,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    vision = dict(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        projection_dim=32,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=(16, 32),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            norm_num_groups=8,
+            sample_size=16,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text))
+        clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=32))
+    # SD's schedule: scaled-linear betas 0.00085 ... 0.012 over 1000 steps
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    tokenize = toy_tokenizer(text["vocab_size"], text["max_position_embeddings"])
+    G = OneStepT2I(unet, vae, text_encoder, tokenize, sched.alphas_cumprod).to(device)
+    return G, _frozen(clip.to(device)), tokenize
