@@ -576,7 +576,7 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
             "generators": ["2-rf-distilled", "ect", "dmd2"],
             "generator_scale": 1.0,
             "generator_seconds": 8,
-            "batch": 256,
+            "batch": 200,
             "reno_steps": 50,
             "seeds": 3,
             "lam": 0.01,

@@ -152,7 +152,25 @@ class WeightsUnavailable(RuntimeError):
     """The model could not be loaded (no internet and not in the Hugging Face cache)."""
 
 
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers (a quick TCP connect, no request)."""
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _load(what: str, fn):
+    """``fn()``, with a clear :class:`WeightsUnavailable` when it cannot load. Without a
+    connection to the Hub only its local cache is tried (no retries, no waiting)."""
+    import os
+
+    offline = None if hub_reachable() else os.environ.get("HF_HUB_OFFLINE", "")
+    if offline is not None:
+        os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         return fn()
     except ImportError as err:
@@ -163,6 +181,12 @@ def _load(what: str, fn):
         raise WeightsUnavailable(
             f"could not load {what}: no internet and not in the Hugging Face cache? ({err})"
         ) from err
+    finally:
+        if offline is not None:  # as it was
+            if offline:
+                os.environ["HF_HUB_OFFLINE"] = offline
+            else:
+                os.environ.pop("HF_HUB_OFFLINE", None)
 
 
 def clip_tokenizer(model_id: str, subfolder: str = "") -> Tokenize:

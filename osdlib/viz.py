@@ -73,6 +73,23 @@ def show_image_rows(grids: Mapping[str, Tensor], nrow: int | None = None, size: 
     return fig
 
 
+def show_image_table(rows: Mapping[str, Tensor], cell: float = 0.6, fontsize: int = 8):
+    """One row of images per title, the title on the left: the same problems before and
+    after something (``cell`` inches per image, pixels drawn as blocks)."""
+    n = max(len(x) for x in rows.values())
+    fig, axes = plt.subplots(len(rows), 1, figsize=(cell * n + 1.6, cell * len(rows) + 0.1))
+    for ax, (title, x) in zip(np.atleast_1d(axes), rows.items()):
+        show_images(x, None, nrow=n, ax=ax)
+        ax.set_axis_on()
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for side in ax.spines.values():
+            side.set_visible(False)
+        ax.set_ylabel(title, rotation=0, ha="right", va="center", fontsize=fontsize)
+    fig.subplots_adjust(left=1.5 / (cell * n + 1.6), right=0.99, top=0.98, bottom=0.02, hspace=0.08)
+    return fig
+
+
 def scatter2d(
     x: Tensor,
     ax=None,
