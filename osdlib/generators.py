@@ -69,26 +69,40 @@ class OneStep(nn.Module):
         return paths.velocity_to_x0(self.net(z, t, y), z, t)
 
 
-def recipe(kind: str, profile: str, scale: float = 1.0) -> dict:
-    """The source chapter's settings of ``kind`` at ``profile``, step counts times ``scale``."""
+def recipe(kind: str, profile: str, scale: float = 1.0, overrides: dict | None = None) -> dict:
+    """The source chapter's settings of ``kind`` at ``profile``, step counts times ``scale``,
+    then ``overrides`` (e.g. ``{"batch": 8}`` for a dry run; keys of other kinds are ignored,
+    unknown keys are an error)."""
     if kind not in KINDS:
         raise ValueError(f"unknown generator {kind!r}; valid kinds are: {', '.join(KINDS)}")
+    known = {k for keys in _RECIPE_KEYS.values() for k in keys}
+    unknown = set(overrides or {}) - known
+    if unknown:
+        raise KeyError(f"unknown recipe setting(s) {sorted(unknown)}; valid: {sorted(known)}")
     settings = profiles.resolve(KINDS[kind][0], profile)
     out = {k: settings[k] for k in _RECIPE_KEYS[kind]}
     for k in _STEP_KEYS & set(out):
         out[k] = max(1, round(out[k] * scale))
+    out.update({k: v for k, v in (overrides or {}).items() if k in out})
     if kind == "2-rf-distilled":  # how the coupling is made and stored
         out["fp16_pairs"] = settings["fp16_pairs"]
         out["sample_bf16"] = settings["sample_bf16"]
     return out
 
 
-def spec(kind: str, teacher_settings: dict, profile: str, scale: float, max_seconds) -> dict:
+def spec(
+    kind: str,
+    teacher_settings: dict,
+    profile: str,
+    scale: float,
+    max_seconds,
+    overrides: dict | None = None,
+) -> dict:
     """Everything that determines a cached generator."""
     return {
         "kind": kind,
         "teacher": teacher_key(teacher_spec(teacher_settings)),
-        "recipe": recipe(kind, profile, scale),
+        "recipe": recipe(kind, profile, scale, overrides),
         "max_seconds": max_seconds,
         "seed": teacher_settings.get("seed", 0),
     }
@@ -111,12 +125,14 @@ def get(
     root: str | Path | None = None,
     retrain: bool = False,
     progress: bool = True,
+    overrides: dict | None = None,
 ) -> tuple[OneStep, dict]:
     """The one-step generator ``kind`` distilled from ``teacher`` (frozen, eval mode, on
-    ``device``) and ``info`` (steps, wall time, whether it was trained now, the cache path)."""
+    ``device``) and ``info`` (steps, wall time, whether it was trained now, the cache path).
+    ``overrides`` replaces settings of the recipe (see :func:`recipe`)."""
     from .train import load_weights, save_weights
 
-    s = spec(kind, teacher_settings, profile, scale, max_seconds)
+    s = spec(kind, teacher_settings, profile, scale, max_seconds, overrides)
     folder = _folder(s, root)
     weights = folder / "generator.safetensors"
     net = nets.build(teacher_settings["image_net"], images.shape, images.num_classes)

@@ -535,7 +535,8 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
     },
     # ReNO optimises the noise of frozen one-step generators (see osdlib.generators for how
     # they are made). `generator_scale` multiplies the source chapters' step counts when a
-    # generator is not in the cache, `generator_seconds` caps each of its training runs;
+    # generator is not in the cache, `generator_seconds` caps each of its training runs,
+    # `generator_overrides` replaces single settings of those recipes (e.g. {"batch": 8});
     # `batch` independent problems per seed, `reno_steps` forward passes each (best-of-N uses
     # the same number of draws); `intensity_quantile` sets the mean-intensity target at that
     # quantile of the real images (beyond almost all of them: thick digits, bright photos).
@@ -544,6 +545,7 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
             "generators": ["2-rf-distilled", "ect", "dmd2"],
             "generator_scale": 1.0,
             "generator_seconds": None,
+            "generator_overrides": {},
             "batch": 40,
             "reno_steps": 10,
             "seeds": 2,
@@ -560,6 +562,7 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
             "generators": ["2-rf-distilled", "ect", "dmd2"],
             "generator_scale": 0.5,
             "generator_seconds": None,
+            "generator_overrides": {},
             "batch": 500,
             "reno_steps": 50,
             "seeds": 3,
@@ -576,6 +579,7 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
             "generators": ["2-rf-distilled", "ect", "dmd2"],
             "generator_scale": 1.0,
             "generator_seconds": 8,
+            "generator_overrides": {},
             "batch": 200,
             "reno_steps": 50,
             "seeds": 3,
@@ -592,6 +596,7 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
             "generators": ["2-rf-distilled", "ect", "dmd2"],
             "generator_scale": 1.0,
             "generator_seconds": None,
+            "generator_overrides": {},
             "batch": 1000,
             "reno_steps": 50,
             "seeds": 3,

@@ -76,7 +76,9 @@ def show_image_rows(grids: Mapping[str, Tensor], nrow: int | None = None, size: 
 def show_image_table(rows: Mapping[str, Tensor], cell: float = 0.6, fontsize: int = 8):
     """One row of images per title, the title on the left: the same problems before and
     after something (``cell`` inches per image, pixels drawn as blocks)."""
-    n = max(len(x) for x in rows.values())
+    n = max((len(x) for x in rows.values()), default=0)
+    if n == 0:
+        raise ValueError("show_image_table: no images to show")
     fig, axes = plt.subplots(len(rows), 1, figsize=(cell * n + 1.6, cell * len(rows) + 0.1))
     for ax, (title, x) in zip(np.atleast_1d(axes), rows.items()):
         show_images(x, None, nrow=n, ax=ax)
