@@ -65,3 +65,54 @@ def test_top_k_and_temperature():
     eps = torch.randn(2000, 3, generator=torch.Generator().manual_seed(1))
     index, _ = dd.map_tokens(eps, logp.expand(2000, -1), codes, steps=20)
     assert index.max() <= 1
+
+
+def _tiny_ar(seed=0, vocab=8, length=6):
+    from osdlib.autoregressive import ARTransformer
+
+    torch.manual_seed(seed)
+    return ARTransformer(vocab=vocab, length=length, num_classes=3, dim=32, depth=2, heads=2).eval()
+
+
+def test_map_sequence_is_deterministic_and_starts_with_the_first_position_map():
+    ar = _tiny_ar()
+    codes = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 0])
+    eps = torch.randn(4, 6, 3, generator=torch.Generator().manual_seed(2))
+    a = dd.map_sequence(ar, y, eps, codes, steps=30)
+    b = dd.map_sequence(ar, y, eps.clone(), codes, steps=30)
+    assert torch.equal(a, b) and a.shape == (4, 6)
+    with torch.no_grad():
+        first = ar.run(ar.cls(y)[:, None])[:, -1]
+    expected, _ = dd.map_tokens(eps[:, 0], dd.process_logits(first), codes, steps=30)
+    assert torch.equal(a[:, 0], expected)
+
+
+def test_student_starts_as_the_teacher_when_every_token_is_known():
+    ar = _tiny_ar(3)
+    student = dd.Student(ar, code_dim=3)
+    y = torch.tensor([1, 2])
+    tokens = torch.randint(0, 8, (2, 6))
+    eps = torch.randn(2, 6, 3)
+    with torch.no_grad():
+        assert torch.allclose(student(eps, y, tokens, known=6), ar(tokens, y), atol=1e-6)
+    assert student.sample(eps, y, steps=1).shape == (2, 6)
+    assert student.sample(eps, y, steps=2).shape == (2, 6)
+
+
+def test_student_learns_a_fixed_map():
+    ar = _tiny_ar(4)
+    codes = torch.randn(8, 3, generator=torch.Generator().manual_seed(5))
+    y = torch.arange(32) % 3
+    eps = torch.randn(32, 6, 3, generator=torch.Generator().manual_seed(6))
+    target = dd.map_sequence(ar, y, eps, codes, steps=20)
+    student = dd.Student(ar, code_dim=3)
+    opt = torch.optim.Adam(student.parameters(), lr=3e-3)
+    known = torch.zeros(32, dtype=torch.long)
+    first = student.loss(eps, y, target, known).item()
+    for _ in range(150):
+        opt.zero_grad()
+        student.loss(eps, y, target, known).backward()
+        opt.step()
+    assert student.loss(eps, y, target, known).item() < 0.2 * first
+    assert (student.sample(eps, y) == target).float().mean() > 0.9

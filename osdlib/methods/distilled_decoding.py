@@ -23,7 +23,8 @@ samples. DD trains a student to apply this whole map in one forward pass.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 
 def posterior_logits(x: Tensor, t: float | Tensor, logp: Tensor, codes: Tensor) -> Tensor:
@@ -70,3 +71,81 @@ def process_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None =
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.log_softmax(logits, dim=-1)
+
+
+def map_sequence(
+    ar,
+    y: Tensor,
+    eps: Tensor,
+    codes: Tensor,
+    steps: int = 100,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+) -> Tensor:
+    """DD's map for a whole sequence: noise tokens ``eps`` (B, L, D) -> tokens (B, L).
+
+    Position by position, the AR model's processed distribution and the code vectors define
+    the flow of :func:`map_tokens`; the code it reaches is fed back as the next token."""
+
+    def choose(logits: Tensor, i: int) -> Tensor:
+        logp = process_logits(logits, temperature, top_k)
+        return map_tokens(eps[:, i], logp, codes, steps)[0].to(y.device)
+
+    return ar.generate(y, choose=choose)
+
+
+class Student(nn.Module):
+    """The DD student: the AR transformer reading noise tokens, all tokens in one pass.
+
+    Position j (which the teacher uses to predict token j + 1) gets its usual input — the
+    class at j = 0, else the embedding of token j when that token is known, else a learned
+    'unknown' embedding — plus ``proj(eps_{j+1})``, the noise token of the token it
+    predicts. Causal attention then lets the output at j depend on eps_1..eps_{j+1} and the
+    known prefix, exactly what the map's token j + 1 depends on. ``proj`` starts at zero, so
+    with every token known the student starts as the teacher. One step: no token known;
+    two steps: the first ``m`` tokens of the one-step output are fed back as known tokens.
+    """
+
+    def __init__(self, teacher: nn.Module, code_dim: int) -> None:
+        super().__init__()
+        import copy
+
+        self.ar = copy.deepcopy(teacher).requires_grad_(True)
+        dim = self.ar.tok.embedding_dim
+        self.proj = nn.Linear(code_dim, dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+        self.unknown = nn.Parameter(torch.zeros(dim))
+
+    def forward(
+        self, eps: Tensor, y: Tensor, tokens: Tensor | None = None, known: int | Tensor = 0
+    ) -> Tensor:
+        """Logits (B, L, vocab) for tokens 1..L; ``tokens`` (B, L) supplies the first
+        ``known`` of them (an int or one count per sample)."""
+        b, length, _ = eps.shape
+        if tokens is None:
+            tokens = torch.zeros(b, length, dtype=torch.long, device=eps.device)
+        h = self.ar.inputs(tokens[:, : length - 1], y)  # class, tok_1 .. tok_{L-1}
+        known = torch.as_tensor(known, device=eps.device).reshape(-1, 1).expand(b, 1)
+        j = torch.arange(length, device=eps.device).view(1, -1)
+        is_known = (j == 0) | (j <= known)  # position j holds token j (1-based) when known
+        h = torch.where(is_known.unsqueeze(-1), h, self.unknown.to(h.dtype))
+        return self.ar.run(h + self.proj(eps))
+
+    @torch.no_grad()
+    def sample(self, eps: Tensor, y: Tensor, steps: int = 1) -> Tensor:
+        """Tokens from noise in one step, or two (the first half fed back)."""
+        tokens = self(eps, y).argmax(-1)
+        if steps == 2:
+            m = eps.shape[1] // 2
+            second = self(eps, y, tokens, known=m).argmax(-1)
+            tokens = torch.cat([tokens[:, :m], second[:, m:]], dim=1)
+        return tokens
+
+    def loss(self, eps: Tensor, y: Tensor, tokens: Tensor, known: Tensor) -> Tensor:
+        """Cross-entropy on the tokens after the known prefix."""
+        logits = self(eps, y, tokens, known)
+        j = torch.arange(tokens.shape[1], device=tokens.device).view(1, -1)
+        weight = (j >= known.view(-1, 1)).float()
+        ce = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")
+        return (ce * weight).sum() / weight.sum().clamp_min(1)
