@@ -145,8 +145,13 @@ class _Attention(nn.Module):
                 v = torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
         # query i (absolute position past + i) sees keys 0 .. past + i
-        mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif t == 1:  # one new position sees everything before it
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(b, t, c))
 
 
@@ -235,3 +240,44 @@ class ARTransformer(nn.Module):
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
             h = self.tok(nxt)[:, None]
         return tokens
+
+
+# --------------------------------------------------------------------------------------
+# Training wrappers
+# --------------------------------------------------------------------------------------
+
+
+def train_tokenizer(tok: VQTokenizer, data, steps: int, batch: int = 128, **kwargs):
+    """Train a :class:`VQTokenizer` on an :class:`osdlib.data.ImageData` (no EMA: the
+    codebook restarts would be averaged away)."""
+    from .train import train
+
+    kwargs.setdefault("ema_decay", 0.0)
+    return train(
+        tok,
+        lambda m, b, g: m(b[0])[2]["total"],
+        lambda g: data.batch(batch, generator=g),
+        steps,
+        desc=kwargs.pop("desc", "VQ tokenizer"),
+        **kwargs,
+    )
+
+
+def train_ar(
+    ar: ARTransformer, tokens: Tensor, labels: Tensor, steps: int, batch: int = 256, **kwargs
+):
+    """Next-token training of ``ar`` on token sequences (N, L) with class labels (N,)."""
+    from .train import train
+
+    def batch_fn(g):
+        i = torch.randint(0, len(tokens), (batch,), generator=g)
+        return tokens[i], labels[i]
+
+    return train(
+        ar,
+        lambda m, b, g: m.loss(b[0], b[1]),
+        batch_fn,
+        steps,
+        desc=kwargs.pop("desc", "AR transformer"),
+        **kwargs,
+    )

@@ -149,3 +149,93 @@ class Student(nn.Module):
         weight = (j >= known.view(-1, 1)).float()
         ce = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")
         return (ce * weight).sum() / weight.sum().clamp_min(1)
+
+
+@torch.no_grad()
+def generate_dataset(
+    ar,
+    codes: Tensor,
+    n: int,
+    path,
+    num_classes: int,
+    steps: int = 100,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    batch: int = 1000,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+):
+    """Write ``n`` (noise sequence, token sequence, label) triples of :func:`map_sequence`
+    to ``path`` as memory-mapped ``.npy`` files in chapter 01's coupling format, and return
+    them as a :class:`~osdlib.methods.rectified_flow.PairSet` (``x``: tokens as floats,
+    ``z``: noise (n, L, D), ``y``: balanced labels)."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from tqdm import tqdm
+
+    from .rectified_flow import PairSet
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    length, dim = ar.length, codes.shape[1]
+    z_mm = np.lib.format.open_memmap(path / "z.npy", "w+", np.float32, (n, length, dim))
+    x_mm = np.lib.format.open_memmap(path / "x.npy", "w+", np.float32, (n, length))
+    labels = torch.arange(n) % num_classes
+    np.save(path / "y.npy", labels.numpy().astype(np.int64))
+    g = torch.Generator().manual_seed(seed)
+    codes = codes.to(device)
+    for i in tqdm(range(0, n, batch), desc="DD map", disable=not progress, mininterval=5):
+        m = min(batch, n - i)
+        eps = torch.randn(m, length, dim, generator=g)
+        y = labels[i : i + m].to(device)
+        tokens = map_sequence(ar, y, eps.to(device), codes, steps, temperature, top_k)
+        z_mm[i : i + m] = eps.numpy()
+        x_mm[i : i + m] = tokens.cpu().numpy().astype(np.float32)
+    z_mm.flush()
+    x_mm.flush()
+    del z_mm, x_mm
+    meta = {"n": n, "shape": [length, dim], "steps": steps, "labels": True, "t_max": 1.0}
+    meta |= {"temperature": temperature, "top_k": top_k}
+    (path / "meta.json").write_text(json.dumps(meta))
+    return PairSet(path)
+
+
+def train_student(student: Student, pairs, steps: int, batch: int = 256, **kwargs):
+    """Cross-entropy on the mapped tokens; half of each batch learns the one-step task (no
+    token known), half the second step (the first half of the tokens known)."""
+    from ..train import train
+
+    def loss_fn(m, b, g):
+        tokens, eps, y = b
+        tokens = tokens.long()
+        known = (torch.arange(len(tokens), device=tokens.device) % 2) * (tokens.shape[1] // 2)
+        return m.loss(eps, y, tokens, known)
+
+    return train(
+        student,
+        loss_fn,
+        lambda g: pairs.batch(batch, g),
+        steps,
+        desc=kwargs.pop("desc", "DD student"),
+        **kwargs,
+    )
+
+
+def naive_marginals(tokens: Tensor, labels: Tensor, vocab: int, num_classes: int) -> Tensor:
+    """Per class and position, the frequency of each token: (classes, L, vocab). Sampling
+    every position independently from it is the naive one-step baseline."""
+    counts = torch.zeros(num_classes, tokens.shape[1], vocab)
+    for c in range(num_classes):
+        sel = tokens[labels == c]
+        counts[c] = torch.nn.functional.one_hot(sel, vocab).float().sum(0)
+    return counts / counts.sum(-1, keepdim=True).clamp_min(1)
+
+
+def sample_naive(marginals: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Every token drawn independently from its class-and-position marginal."""
+    p = marginals[y.cpu()]  # (B, L, vocab)
+    flat = torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=generator)
+    return flat.view(p.shape[0], p.shape[1])
