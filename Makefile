@@ -39,7 +39,7 @@ lint: setup
 reproduce: setup
 	@test -n "$(NOTEBOOK)" || (echo "no notebook matches notebooks/$(CHAPTER)*.ipynb" && exit 2)
 	mkdir -p $(dir $(OUT)) runs/executing
-	OSD_PROFILE=$(PROFILE) $(BIN)/papermill $(NOTEBOOK) runs/executing/$(notdir $(OUT)) \
+	OSD_PROFILE=$(PROFILE) OSD_PROGRESS=0 $(BIN)/papermill $(NOTEBOOK) runs/executing/$(notdir $(OUT)) \
 		$(if $(SEED),-p seed $(SEED))
 	mv runs/executing/$(notdir $(OUT)) $(OUT)
 

@@ -29,6 +29,18 @@ Sampler = Callable[..., Tensor]
 # --------------------------------------------------------------------------------------
 
 
+def online(host: str, timeout: float = 3.0) -> bool:
+    """Whether ``host`` answers on port 443 (a quick TCP connect, no request): can a download
+    from it start?"""
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _randn(n: int, d: int, generator: torch.Generator | None) -> Tensor:
     return torch.randn(n, d, generator=generator)
 
@@ -277,7 +289,11 @@ def image_folder(
             x, y = torch.from_numpy(f["images"]), torch.from_numpy(f["labels"])
         return ImageData(name, x, y, classes, f"folder:{root}")
     arrays, labels = [], []
-    for path, label in tqdm(files, desc=f"decoding {root.name}", disable=not progress):
+    from .train import show_progress
+
+    for path, label in tqdm(
+        files, desc=f"decoding {root.name}", disable=not show_progress(progress)
+    ):
         with Image.open(path) as im:
             im = im.convert("RGB")
             if size is not None and im.size != (size, size):

@@ -71,15 +71,21 @@ class TimeMLP(nn.Module):
         return self.out(self.features(x, t, y)).reshape(x.shape)
 
 
-def diffusers_unet():
-    """diffusers' ``UNet2DModel``, imported without the warning that tqdm.auto prints in a
-    notebook without ipywidgets (it would land in every stored output, with a file path)."""
+def quiet_import(module: str):
+    """Import a Hugging Face package (diffusers, transformers) without the warning that
+    tqdm.auto prints in a notebook without ipywidgets (it would land in every stored output,
+    with a file path)."""
+    import importlib
     import warnings
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="IProgress not found")
-        from diffusers import UNet2DModel
-    return UNet2DModel
+        return importlib.import_module(module)
+
+
+def diffusers_unet():
+    """diffusers' ``UNet2DModel`` (imported quietly, see :func:`quiet_import`)."""
+    return quiet_import("diffusers").UNet2DModel
 
 
 class UNet(nn.Module):

@@ -34,15 +34,11 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def _quiet_imports():
-    """diffusers and transformers import tqdm.auto, which warns in a notebook without
-    ipywidgets (the warning, with a file path, would land in stored outputs)."""
-    import warnings
+def _quiet_imports() -> None:
+    from .nets import quiet_import
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="IProgress not found")
-        import diffusers  # noqa: F401
-        import transformers  # noqa: F401
+    quiet_import("diffusers")
+    quiet_import("transformers")
 
 
 def _frozen(module: nn.Module) -> nn.Module:
@@ -152,23 +148,14 @@ class WeightsUnavailable(RuntimeError):
     """The model could not be loaded (no internet and not in the Hugging Face cache)."""
 
 
-def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face Hub answers (a quick TCP connect, no request)."""
-    import socket
-
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _load(what: str, fn):
     """``fn()``, with a clear :class:`WeightsUnavailable` when it cannot load. Without a
     connection to the Hub only its local cache is tried (no retries, no waiting)."""
     import os
 
-    offline = None if hub_reachable() else os.environ.get("HF_HUB_OFFLINE", "")
+    from .data import online
+
+    offline = None if online("huggingface.co") else os.environ.get("HF_HUB_OFFLINE", "")
     if offline is not None:
         os.environ["HF_HUB_OFFLINE"] = "1"
     try:

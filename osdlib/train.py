@@ -32,6 +32,13 @@ import torch
 from torch import Tensor, nn
 
 
+def show_progress(progress: bool = True) -> bool:
+    """Whether to draw a progress bar: ``progress``, unless ``$OSD_PROGRESS`` is ``0`` (set by
+    ``make reproduce`` and ``scripts/run_chapters.py``, so that executed notebooks stored in
+    the book do not carry dozens of progress lines)."""
+    return progress and os.environ.get("OSD_PROGRESS", "1") != "0"
+
+
 @dataclass
 class TrainResult:
     model: nn.Module
@@ -255,7 +262,7 @@ def train(
     bar = tqdm(
         range(start, steps),
         desc=desc,
-        disable=not progress or rank != 0,
+        disable=not show_progress(progress) or rank != 0,
         initial=start,
         total=steps,
         mininterval=1.0 if sys.stderr.isatty() else 5.0,  # few stored lines in notebooks

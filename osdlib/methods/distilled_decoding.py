@@ -176,6 +176,7 @@ def generate_dataset(
     import numpy as np
     from tqdm import tqdm
 
+    from ..train import show_progress
     from .rectified_flow import PairSet
 
     path = Path(path)
@@ -187,7 +188,9 @@ def generate_dataset(
     np.save(path / "y.npy", labels.numpy().astype(np.int64))
     g = torch.Generator().manual_seed(seed)
     codes = codes.to(device)
-    for i in tqdm(range(0, n, batch), desc="DD map", disable=not progress, mininterval=5):
+    for i in tqdm(
+        range(0, n, batch), desc="DD map", disable=not show_progress(progress), mininterval=5
+    ):
         m = min(batch, n - i)
         eps = torch.randn(m, length, dim, generator=g)
         y = labels[i : i + m].to(device)

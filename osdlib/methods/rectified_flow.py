@@ -78,6 +78,8 @@ def generate_pairs(
     """
     from tqdm import tqdm
 
+    from ..train import show_progress
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     shape = tuple(teacher.shape)
@@ -88,7 +90,9 @@ def generate_pairs(
     if labels is not None:
         np.save(path / "y.npy", labels.numpy().astype(np.int64))
     g = torch.Generator().manual_seed(seed)
-    for i in tqdm(range(0, n, batch), desc="teacher pairs", disable=not progress, mininterval=5):
+    for i in tqdm(
+        range(0, n, batch), desc="teacher pairs", disable=not show_progress(progress), mininterval=5
+    ):
         m = min(batch, n - i)
         z = torch.randn(m, *shape, generator=g)
         y = labels[i : i + m].to(device) if labels is not None else None
