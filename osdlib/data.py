@@ -1,6 +1,7 @@
 """Data: 2-D toy distributions and image datasets, all behind two small interfaces.
 
-* A 2-D distribution is any callable ``sample(n, generator=None) -> Tensor[n, 2]``.
+* A 2-D distribution is any callable ``sample(n, generator=None) -> Tensor[n, 2]``; a plain
+  ``sample(n)`` works too (:func:`toy` wraps it).
 * An image dataset is an :class:`ImageData`: images in [-1, 1] (stored as uint8 where the
   source is 8-bit), integer labels, and :meth:`ImageData.batch` for random batches.
 
@@ -106,12 +107,39 @@ TOYS: dict[str, Sampler] = {
 
 
 def toy(name: str | Sampler) -> Sampler:
-    """A 2-D sampler by name, or any ``sample(n, generator=None)`` callable passed through."""
+    """A 2-D sampler by name, or any callable passed through as ``sample(n, generator=None)``.
+
+    A callable that takes only ``n`` (no ``generator`` argument) is wrapped: with a
+    generator, it runs under torch's global RNG seeded from that generator, so its draws
+    are as reproducible as the built-in toys' (numpy randomness inside it is not seeded)."""
     if callable(name):
-        return name
+        return name if _takes_generator(name) else _seeded(name)
     if name not in TOYS:
         raise ValueError(f"unknown 2-D distribution {name!r}; valid names are: {', '.join(TOYS)}")
     return TOYS[name]
+
+
+def _takes_generator(fn: Callable) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: assume the convention
+        return True
+    return any(p.name == "generator" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _seeded(fn: Callable[[int], Tensor]) -> Sampler:
+    def sample(n: int, generator: torch.Generator | None = None) -> Tensor:
+        if generator is None:
+            return fn(n)
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return fn(n)
+
+    sample.__name__ = getattr(fn, "__name__", "sample")
+    return sample
 
 
 # --------------------------------------------------------------------------------------

@@ -549,6 +549,130 @@ def get_classifier(
     return clf, {**info, "trained_now": True}
 
 
+class ImageEval:
+    """What every image chapter measures on a set of samples, in one place.
+
+    All models of a chapter are compared on the same ``n`` noises ``z`` (drawn with
+    ``seed + 3``) and class-balanced labels ``labels``; :meth:`sample` generates from them
+    chunk by chunk (under the profile's sampling context), calling an instance returns the
+    row of numbers (classifier accuracy, proxy-FD against the training images, within-class
+    std, and FID when ``fid`` is on), and :meth:`grid` picks ``per_class`` samples of each
+    class for a picture.
+    """
+
+    def __init__(
+        self,
+        images: ImageData,
+        classifier: nn.Module,
+        n: int,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        fid: bool = False,
+        fid_reference: int | None = None,
+        fid_weights: str | Path | None = None,
+        per_class: int = 6,
+        context: Callable[[], object] | None = None,
+    ) -> None:
+        self.images, self.classifier, self.device = images, classifier, device
+        self.n, self.fid, self.fid_reference, self.fid_weights = n, fid, fid_reference, fid_weights
+        self.labels = torch.arange(n) % images.num_classes
+        g = torch.Generator().manual_seed(seed + 3)
+        self.z = torch.randn(n, *images.shape, generator=g)
+        self.real = images.float_images()
+        self.show = torch.cat(
+            [torch.nonzero(self.labels == c)[:per_class, 0] for c in range(images.num_classes)]
+        )
+        self.per_class = per_class
+        self._context = context
+
+    @classmethod
+    def from_settings(
+        cls, settings: dict, images: ImageData, classifier: nn.Module, **kwargs
+    ) -> ImageEval:
+        """The evaluation a chapter's settings ask for (``eval_samples``, ``seed``, ``fid``,
+        ``fid_reference``, ``device``; bf16 sampling where the profile says so)."""
+        from .profiles import sampling
+
+        kwargs = {
+            "n": settings["eval_samples"],
+            "seed": settings.get("seed", 0),
+            "device": settings.get("device", "cpu"),
+            "fid": bool(settings.get("fid")),
+            "fid_reference": settings.get("fid_reference"),
+            "context": lambda: sampling(settings),
+            **kwargs,
+        }
+        return cls(images, classifier, **kwargs)
+
+    def sample(self, fn: Callable[[Tensor, Tensor], Tensor], chunk: int = 1000) -> Tensor:
+        """``fn(z, y) -> images`` on the evaluation noises, chunk by chunk; float on the CPU."""
+        from contextlib import nullcontext
+
+        from .samplers import in_chunks
+
+        with self._context() if self._context else nullcontext():
+            return in_chunks(fn, self.z, self.labels, self.device, chunk)
+
+    def __call__(self, x: Tensor, **extra) -> dict:
+        """The chapter's row for samples ``x`` (in the order of :attr:`labels`)."""
+        row = {
+            **extra,
+            "accuracy": accuracy(self.classifier, x, self.labels, self.device),
+            "proxy_fd": proxy_fd(self.classifier, x, self.real, self.device),
+            "within_class_std": within_class_std(x, self.labels),
+        }
+        if self.fid:  # standard FID against the training set, on the same samples
+            row["fid"] = fid(
+                x,
+                self.images,
+                device=self.device,
+                weights_path=self.fid_weights,
+                reference_size=self.fid_reference,
+            )
+        return row
+
+    def grid(self, x: Tensor) -> Tensor:
+        """``per_class`` samples of each class, class by class (for ``viz.show_image_rows``)."""
+        return x[self.show]
+
+    @property
+    def data_std(self) -> float:
+        """The training images' within-class std (what a diverse generator comes close to)."""
+        return within_class_std(self.real, self.images.labels)
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value) of a list of numbers."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    return float(t.mean()), float(t.std()) if len(t) > 1 else 0.0
+
+
+def over_seeds(rows: list[dict], key: str = "model", seed_key: str = "seed") -> list[dict]:
+    """Collapse rows of several seeds into one row per ``key`` value (first-seen order): each
+    numeric column becomes its mean, with ``<column>_std`` (sample std; none for a single
+    seed) and ``seeds``."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(r[key], []).append(r)
+    out = []
+    for name, rs in groups.items():
+        row = {key: name, "seeds": len(rs)}
+        for col, v in rs[0].items():
+            if col in (key, seed_key):
+                continue
+            vals = [r[col] for r in rs]
+            if isinstance(v, int) and len(set(vals)) == 1:  # NFE, a count equal across seeds
+                row[col] = v
+            elif isinstance(v, (int, float)) and not isinstance(v, bool) and None not in vals:
+                row[col], spread = mean_std(vals)
+                if len(rs) > 1:  # a single seed has no spread to show
+                    row[f"{col}_std"] = spread
+            else:
+                row[col] = v
+        out.append(row)
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # 2-D distances
 # --------------------------------------------------------------------------------------

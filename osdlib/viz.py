@@ -32,14 +32,27 @@ def show_source(obj):
     return Code(inspect.getsource(obj), language="python")
 
 
-def image_grid(x: Tensor, nrow: int | None = None, pad: int = 1) -> np.ndarray:
-    """A (H, W, C) array in [0, 1] tiling images ``x`` (N, C, H, W) given in [-1, 1] or uint8."""
+def upscale_factor(x: Tensor, min_pixels: int = 32) -> int:
+    """The integer factor that makes images at least ``min_pixels`` high (8x8 digits: 4)."""
+    return max(1, -(-min_pixels // x.shape[-2]))
+
+
+def image_grid(
+    x: Tensor, nrow: int | None = None, pad: int = 1, scale: int | None = None
+) -> np.ndarray:
+    """A (H, W, C) array in [0, 1] tiling images ``x`` (N, C, H, W) given in [-1, 1] or uint8.
+
+    Each image is first enlarged ``scale`` times by repeating pixels (default: to at least
+    32 pixels high), so that small images stay sharp blocks when the page shows them."""
     from torchvision.utils import make_grid
 
     x = x.detach().cpu()
     x = x.float() / 255.0 if x.dtype == torch.uint8 else (x.float().clamp(-1, 1) + 1) / 2
+    scale = upscale_factor(x) if scale is None else scale
+    if scale > 1:
+        x = x.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
     nrow = nrow or int(np.ceil(np.sqrt(len(x))))
-    grid = make_grid(x, nrow=nrow, padding=pad, pad_value=1.0)
+    grid = make_grid(x, nrow=nrow, padding=pad * max(1, scale // 2), pad_value=1.0)
     return grid.permute(1, 2, 0).numpy()
 
 
@@ -63,14 +76,76 @@ def show_images(
     return ax
 
 
-def show_image_rows(grids: Mapping[str, Tensor], nrow: int | None = None, size: float = 2.2):
-    """Several grids side by side, one per title (``size`` is the width of each)."""
+def show_image_rows(
+    grids: Mapping[str, Tensor],
+    nrow: int | None = None,
+    size: float | None = None,
+    per_row: int = 4,
+):
+    """Several grids, one per title, ``per_row`` side by side (more wrap to a new row).
+
+    ``size`` is the width of each grid in inches; by default one screen pixel per pixel of
+    the enlarged grid (see :func:`image_grid`), so digits are drawn as crisp blocks."""
     first = image_grid(next(iter(grids.values())), nrow)
+    if size is None:
+        size = first.shape[1] / plt.rcParams["figure.dpi"]
     height = size * first.shape[0] / first.shape[1]
-    fig, axes = plt.subplots(1, len(grids), figsize=(size * len(grids), height + 0.35))
-    for ax, (title, x) in zip(np.atleast_1d(axes), grids.items()):
+    cols = min(per_row, len(grids))
+    rows = -(-len(grids) // cols)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(size * cols + 0.1 * cols, (height + 0.35) * rows), squeeze=False
+    )
+    for ax in axes.flat[len(grids) :]:
+        ax.set_axis_off()
+    for ax, (title, x) in zip(axes.flat, grids.items()):
         show_images(x, title, nrow, ax)
     return fig
+
+
+def table_cells(rows: Sequence[Mapping], columns: Mapping[str, str]) -> list[list[str]]:
+    """The header and the rows of a table as strings: ``columns`` maps a key to its header,
+    optionally ``"header:format"`` (e.g. ``{"accuracy": "accuracy:.3f"}``). A column with a
+    ``<key>_std`` in a row (several seeds, see ``metrics.over_seeds``) shows ``mean±std``;
+    missing values are blank."""
+    specs = []
+    for key, head in columns.items():
+        head, _, fmt = head.partition(":")
+        specs.append((key, head, fmt))
+
+    def cell(r, key, fmt):
+        v = r.get(key)
+        if v is None:
+            return ""
+        text = format(v, fmt) if fmt and isinstance(v, (int, float)) else str(v)
+        if r.get(f"{key}_std") is not None:
+            text += "±" + format(r[f"{key}_std"], fmt or "g")
+        return text
+
+    return [[head for _, head, _ in specs]] + [[cell(r, k, f) for k, _, f in specs] for r in rows]
+
+
+def print_table(rows: Sequence[Mapping], columns: Mapping[str, str]) -> None:
+    """Print ``rows`` as an aligned text table (``columns`` as in :func:`table_cells`)."""
+    table = table_cells(rows, columns)
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    for line in table:
+        print(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))
+            ).rstrip()
+        )
+
+
+def markdown_table(rows: Sequence[Mapping], columns: Mapping[str, str]):
+    """``rows`` as a Markdown table that the notebook and the book render (``columns`` as in
+    :func:`table_cells`; text columns left-aligned, the others right-aligned)."""
+    from IPython.display import Markdown
+
+    table = table_cells(rows, columns)
+    numeric = [all(not c or c[0] in "0123456789-+." for c in col[1:]) for col in zip(*table)]
+    lines = ["| " + " | ".join(c.replace("|", "\\|") for c in line) + " |" for line in table]
+    rule = "|" + "|".join("---:" if n else ":---" for n in numeric) + "|"
+    return Markdown("\n".join([lines[0], rule, *lines[1:]]))
 
 
 def show_image_table(rows: Mapping[str, Tensor], cell: float = 0.6, fontsize: int = 8):

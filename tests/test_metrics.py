@@ -155,3 +155,35 @@ def test_within_class_std():
     # class 0: values -1 and 1 (std sqrt(2)); class 1: identical values (std 0)
     assert metrics.within_class_std(x, y) == pytest.approx(2**0.5 / 2)
     assert metrics.within_class_std(torch.full((4, 1, 1, 1), 255, dtype=torch.uint8), y) == 0.0
+
+
+def test_over_seeds_means_and_spreads():
+    rows = [
+        {"model": "a", "seed": s, "nfe": 1, "swd": v, "note": "x"}
+        for s, v in enumerate((1.0, 2.0, 3.0))
+    ] + [{"model": "b", "seed": 0, "nfe": 4, "swd": 5.0, "note": "y"}]
+    a, b = metrics.over_seeds(rows)
+    assert a["model"] == "a" and a["seeds"] == 3 and a["nfe"] == 1 and "nfe_std" not in a
+    assert a["swd"] == pytest.approx(2.0) and a["swd_std"] == pytest.approx(1.0)
+    assert a["note"] == "x" and "seed" not in a
+    assert b["seeds"] == 1 and b["swd"] == 5.0 and "swd_std" not in b
+
+
+def test_image_eval_rows_and_grid():
+    from osdlib import data, nets
+
+    images = data.digits()
+    torch.manual_seed(0)
+    clf = nets.SmallClassifier(1, 10, width=8).eval()
+    ev = metrics.ImageEval(images, clf, n=40, seed=1, per_class=2)
+    assert torch.equal(ev.labels[:12], torch.arange(12) % 10)
+    again = metrics.ImageEval(images, clf, n=40, seed=1)
+    assert torch.equal(ev.z, again.z)  # every model of a chapter sees the same noises
+    x = ev.sample(lambda z, y: z.clamp(-1, 1), chunk=16)
+    assert x.shape == (40, 1, 8, 8)
+    row = ev(x, model="noise")
+    assert row["model"] == "noise" and set(row) >= {"accuracy", "proxy_fd", "within_class_std"}
+    real = images.float_images()[:40]
+    assert ev(real)["proxy_fd"] < row["proxy_fd"]
+    grid = ev.grid(x)
+    assert len(grid) == 20 and (ev.labels[ev.show] == torch.arange(10).repeat_interleave(2)).all()

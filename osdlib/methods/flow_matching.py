@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import paths
+from ..data import toy as as_sampler
 from ..train import TrainResult, train
 
 
@@ -47,7 +48,8 @@ def train_2d(
     lr: float = 1e-3,
     **kwargs,
 ) -> TrainResult:
-    """Flow matching on any 2-D ``sample(n, generator)`` callable."""
+    """Flow matching on any 2-D ``sample(n, generator)`` or plain ``sample(n)`` callable."""
+    sample = as_sampler(sample)
     return train(
         net,
         loss_fn=lambda m, x, g: loss(m, x, None, g),
