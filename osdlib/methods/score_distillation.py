@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import paths
+from .. import nets, paths
 from ..paths import _b
 from ..teachers import FlowTeacher, Teacher
 from ..train import TrainResult, borrowed, train
@@ -159,7 +159,13 @@ class Discriminator(nn.Module):
     def __init__(self, net: nn.Module, feature_dim: int) -> None:
         super().__init__()
         self.net = net
-        self.head = nn.Sequential(nn.SiLU(), nn.Linear(feature_dim, 1))
+
+        def head() -> nn.Module:
+            return nn.Sequential(nn.SiLU(), nn.Linear(feature_dim, 1))
+
+        # an ensemble of fake nets (several toy seeds at once) gets one head per member
+        members = getattr(net, "members", None)
+        self.head = nets.Ensemble([head() for _ in range(members)]) if members else head()
 
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         return self.head(self.net.features(x_t, t, y)).squeeze(1)
@@ -168,10 +174,11 @@ class Discriminator(nn.Module):
 def feature_dim(net: nn.Module, shape: tuple[int, ...], num_classes: int | None = None) -> int:
     """The width of ``net.features`` (found with one small forward pass)."""
     p = next(net.parameters())
-    x = torch.zeros(1, *shape, device=p.device)
-    y = torch.zeros(1, dtype=torch.long, device=p.device) if num_classes else None
+    n = getattr(net, "members", 1)  # an Ensemble needs one row per member
+    x = torch.zeros(n, *shape, device=p.device)
+    y = torch.zeros(n, dtype=torch.long, device=p.device) if num_classes else None
     with torch.no_grad():
-        return net.features(x, torch.full((1,), 0.5, device=p.device), y).shape[1]
+        return net.features(x, torch.full((n,), 0.5, device=p.device), y).shape[1]
 
 
 def frozen(module: nn.Module, *args):
@@ -346,7 +353,9 @@ def loss_fn(
             if recipe.divergence != "reverse-kl":
                 r = torch.exp(disc(x_t, t, y).clamp(-10, 10))
                 h = h_of_r(recipe.divergence, r)
-                h = h / h.mean()  # keep the step size comparable across divergences
+                # keep the step size comparable across divergences (per ensemble member)
+                members = getattr(G.net, "members", 1)
+                h = h / h.reshape(members, -1).mean(1).repeat_interleave(len(h) // members)
         grad = distillation_gradient(x, x_sigma, sigma, d_real, d_fake, recipe.weighting, h)
         gen_loss = gradient_loss(x, grad)
         total = total + gen_loss
