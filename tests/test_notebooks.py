@@ -52,3 +52,30 @@ def test_notebooks_are_parameterised_executed_and_clean():
             f"{p.name} stores papermill's injected parameters, which would override the ci "
             "profile in CI: refresh it with `make reproduce ... OUT=notebooks/...`"
         )
+
+
+def test_chapters_open_as_a_reader_expects():
+    """Title first, the install cell and the settings table collapsed, no progress bars in
+    the stored outputs (they are for interactive runs: OSD_PROGRESS=0 in make reproduce)."""
+    import re
+
+    bar = re.compile(r"\d+/\d+ \[[0-9:]+<[0-9:?]+|it/s\]|s/it\]")
+    for p in NOTEBOOKS:
+        nb = json.loads(p.read_text())
+        first = nb["cells"][0]
+        assert first["cell_type"] == "markdown" and "".join(first["source"]).startswith("# "), (
+            f"{p.name}: the chapter's title comes first"
+        )
+        code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+        install = [c for c in code if 'find_spec("osdlib")' in "".join(c["source"])]
+        assert len(install) == 1 and "hide-cell" in install[0]["metadata"].get("tags", []), (
+            f"{p.name}: one install cell, tagged hide-cell"
+        )
+        table = [c for c in code if "profiles.resolve(" in "".join(c["source"])]
+        assert "hide-output" in table[0]["metadata"].get("tags", []), (
+            f"{p.name}: the settings table is collapsed (hide-output)"
+        )
+        for c in code:
+            for o in c["outputs"]:
+                text = "".join(o.get("text", ""))
+                assert not bar.search(text), f"{p.name}: a progress bar in a stored output"
