@@ -1,0 +1,83 @@
+"""The frontier reads the chapters' records: every listed model is found, with provenance."""
+
+import json
+
+from osdlib import frontier, results
+
+
+def test_every_listed_model_is_in_the_committed_book_records():
+    records = [r for r in frontier.load_records() if r["profile"] == "book"]
+    chapters = [r["chapter"] for r in records]
+    assert chapters == [c for c in frontier.ORDER if c in chapters]  # the book's order
+    images = {(r["chapter"], r["model"]) for r in frontier.image_rows(records)}
+    for chapter, models in frontier.IMAGE_MODELS.items():
+        for _, name, _ in models:
+            assert (chapter, name) in images, f"{chapter}: {name} missing from its record"
+    toys = {(r["chapter"], r["model"]) for r in frontier.toy_rows(records)}
+    for chapter, models in frontier.TOY_MODELS.items():
+        for _, name in models:
+            assert (chapter, name) in toys, f"{chapter}: toy {name} missing from its record"
+
+
+def _write(root, chapter, name, record):
+    (root / chapter).mkdir(parents=True, exist_ok=True)
+    (root / chapter / name).write_text(json.dumps(record))
+
+
+def test_rows_carry_cost_spread_and_provenance(tmp_path):
+    base = {"profile": "book", "device": "cpu", "commit": "0123456789abc", "wall_s": 60.0}
+    image = [
+        {"model": "ECT (from the teacher)", "nfe": 1, "accuracy": 0.9, "accuracy_std": 0.01}
+        | {"proxy_fd": 50.0, "within_class_std": 0.3, "seeds": 3},
+        {"model": "something else", "nfe": 1, "accuracy": 0.1},
+    ]
+    metrics = {"image": image, "train_steps": {"ECT (from the teacher)": 100}}
+    metrics["train_wall_s"] = {"ECT (from the teacher)": 12.0}
+    metrics["toy"] = [{"model": "CT", "nfe": 1, "swd": 0.2, "modes": 8}]
+    metrics["toy"] += [{"model": "CT", "nfe": 4, "swd": 0.1, "modes": 8}]
+    _write(
+        tmp_path,
+        "consistency",
+        "book-cpu.json",
+        base
+        | {"chapter": "consistency"}
+        | {"metrics": metrics, "settings": {"batch": 64}, "dataset": "digits"},
+    )
+    _write(tmp_path, "benchmarks", "x.json", {"rows": []})
+    records = frontier.load_records(tmp_path)
+    assert [r["path"] for r in records] == ["consistency/book-cpu.json"]
+    (row,) = frontier.image_rows(records)
+    assert row["model"] == "ECT" and row["family"] == "consistency"
+    assert row["accuracy_std"] == 0.01 and row["seeds"] == 3
+    assert row["images_seen"] == 6400 and row["train_wall_s"] == 12.0
+    assert row["record"] == "consistency/book-cpu.json" and row["commit"] == "0123456"
+    toy = frontier.toy_rows(records)
+    assert [(r["model"], r["nfe"]) for r in toy] == [("CT", 1)]  # NFE above 2 left out
+
+
+def test_reno_rows_mean_and_spread(tmp_path):
+    summary = [
+        {"generator": "G", "variant": "ReNO", "reward": [-0.1, 0.01], "judge_accuracy": [0.9, 0.02]}
+    ]
+    _write(
+        tmp_path,
+        "reno",
+        "book-cpu.json",
+        {"chapter": "reno", "profile": "book"}
+        | {"device": "cpu", "metrics": {"summary": summary}, "rows": [{"seeds": 3}]},
+    )
+    (row,) = frontier.reno_rows(frontier.load_records(tmp_path))
+    assert row["reward"] == -0.1 and row["reward_std"] == 0.01 and row["seeds"] == 3
+
+
+def test_default_reads_committed_records_and_the_current_results_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("OSD_RESULTS_DIR", str(tmp_path))
+    committed = frontier.load_records()
+    assert committed and all(r["profile"] != "ci-test" for r in committed)
+    _write(tmp_path, "dmd2", "ci-test-cpu.json", {"chapter": "dmd2", "profile": "ci-test"})
+    _write(tmp_path, "foundations", "book-cpu.json", {"chapter": "foundations", "profile": "x"})
+    records = frontier.load_records()
+    paths = [r["path"] for r in records]
+    assert "dmd2/ci-test-cpu.json" in paths and len(paths) == len(committed) + 1
+    assert next(r for r in records if r["path"] == "foundations/book-cpu.json")["profile"] == "x"
+    assert results.results_dir() == tmp_path
