@@ -8,7 +8,7 @@ SEED    ?=
 NOTEBOOK = $(firstword $(wildcard notebooks/$(CHAPTER)*.ipynb))
 OUT     ?= runs/$(basename $(notdir $(NOTEBOOK)))-$(PROFILE).ipynb
 
-.PHONY: setup book test lint reproduce results clean gpu-book offline-kit
+.PHONY: setup book test lint reproduce results clean gpu-book offline-kit check-book
 
 # The virtual environment, created on first use (and refreshed when pyproject.toml changes).
 setup: $(VENV)/.installed
@@ -21,6 +21,13 @@ $(VENV)/.installed: pyproject.toml
 # The browsable book in _build/html (renders the notebooks' stored outputs).
 book: setup
 	$(BIN)/jupyter-book build . --warningiserror --keep-going
+
+# The built book as a reader sees it, offline: every page opened in headless Chromium, a
+# full-page screenshot of each in _build/screenshots, and one line per problem (an image that
+# did not load, raw TeX left untypeset, a chapter without its Colab link). Not part of `test`:
+# it needs Chromium and its driver plus `pip install -e ".[check]"` (README, Contributing).
+check-book: book
+	$(BIN)/python scripts/check_book.py --html _build/html --out _build/screenshots
 
 # Lint, unit tests, and every notebook at the ci profile.
 test: setup lint

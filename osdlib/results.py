@@ -2,9 +2,11 @@
 
 A run writes ``results/<chapter>/<profile>-<device>.json`` with its metrics, table rows,
 profile, resolved settings, seed, wall time, device, osdlib version, git commit and
-dataset. :func:`markdown_table` builds the reproduction table from the records next to the
-papers' numbers (``osdlib/papers.json``, with citations); ``python -m osdlib.results``
-rewrites the generated blocks of ``README.md`` and ``book/results.md``.
+dataset. :func:`markdown_table` builds the reproduction tables from the records next to the
+papers' numbers (``osdlib/papers.json``, with citations): per chapter, one provenance line per
+run (profile, device, seed, commit, wall time, data, record) above a compact table
+``model | NFE | metric | ours | paper``. ``python -m osdlib.results`` rewrites the generated
+blocks of ``README.md`` and ``book/results.md``.
 """
 
 from __future__ import annotations
@@ -146,19 +148,28 @@ def write_record(
 
 
 def read_records(root: str | Path | None = None) -> list[dict]:
-    """Every record under ``root`` (``results/<chapter>/*.json``), sorted by chapter and name."""
+    """Every chapter record under ``root`` (``results/<chapter>/*.json``), sorted by path.
+
+    ``results/benchmarks/`` holds measurements of another kind (throughput, timings of whole
+    chains), not chapter runs, and ``results/frontier/`` chapter 07's reading of the other
+    records (no numbers of its own to tabulate): they are left out, as is any file without a
+    ``chapter``.
+    """
     root = Path(root or results_dir())
     out = []
     for p in sorted(root.glob("*/*.json")):
-        rec = json.loads(p.read_text())
-        if "chapter" not in rec:  # e.g. results/benchmarks/: measurements, not chapter runs
+        if p.parent.name in ("benchmarks", "frontier"):
             continue
-        rec["_path"] = str(p.relative_to(root))
+        rec = json.loads(p.read_text())
+        if "chapter" not in rec:
+            continue
+        rec["_path"] = p.relative_to(root).as_posix()
         out.append(rec)
     return out
 
 
 PAPERS = Path(__file__).with_name("papers.json")
+PROFILES = ("ci", "book", "gpu", "paper")  # the order in which a chapter's runs are listed
 
 
 def read_papers() -> list[dict]:
@@ -172,12 +183,27 @@ def _fmt(v: Any) -> str:
     return "" if v is None else str(v)
 
 
+def value_text(r: dict) -> str:
+    """A row's value; with its seed spread when the row has one: ``0.972 ± 0.0075 (3 seeds)``.
+
+    A row measured over several seeds carries the mean as ``value``, its standard deviation
+    as ``std`` and the number of seeds as ``seeds``.
+    """
+    text = _fmt(r.get("value"))
+    if r.get("std") is not None:
+        std = r["std"]
+        text += f" ± {std:.2g}" if isinstance(std, float) else f" ± {std}"
+    if r.get("seeds"):
+        text += f" ({r['seeds']} seeds)"
+    return text
+
+
 def rows_markdown(rows: list[dict]) -> str:
     """A markdown table of rows with keys source, model, dataset, nfe, metric, value."""
     lines = ["| source | model | dataset | NFE | metric | value |", "|---|---|---|---|---|---|"]
     lines += [
         f"| {r['source']} | {r['model']} | {r.get('dataset', '')} | {_fmt(r.get('nfe'))} | "
-        f"{r['metric']} | {_fmt(r['value'])} |"
+        f"{r['metric']} | {value_text(r)} |"
         for r in rows
     ]
     return "\n".join(lines) + "\n"
@@ -190,28 +216,127 @@ def paper_rows(chapter: str) -> list[dict]:
     ]
 
 
-def markdown_table(root: str | Path | None = None, link_prefix: str | None = None) -> str:
-    """The reproduction table: this book's runs, then the papers' numbers, per chapter.
+def short_dataset(dataset: str) -> str:
+    """``digits (sklearn.datasets.load_digits, 1797 images)`` -> ``digits``."""
+    return dataset.split(" (", 1)[0].strip()
 
-    Each run links to its record at ``link_prefix + path`` (or names the path when None).
+
+def cite_short(source: str) -> tuple[str, str]:
+    """A paper's citation in short form, and the remark it carried (or "").
+
+    ``Eyring et al. 2024 (ReNO; GenEval numbers from ...)`` -> ``Eyring et al. 2024, ReNO``
+    and ``GenEval numbers from ...``; ``Song & Dhariwal 2024 (iCT)`` -> ``Song & Dhariwal
+    2024, iCT``.
+    """
+    m = re.fullmatch(r"(.*?)\s*\((.*)\)\s*", source)
+    if not m:
+        return source, ""
+    who, inside = m.groups()
+    name, _, remark = inside.partition(";")
+    return f"{who}, {name.strip()}", remark.strip()
+
+
+def wall_text(seconds: float | None) -> str:
+    """``570.8`` -> ``9 min 31 s``; ``None`` -> ``not recorded``."""
+    if seconds is None:
+        return "not recorded"
+    s = round(float(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def provenance(rec: dict, link_prefix: str | None = None) -> str:
+    """One line that says which run a table comes from, and links to its record."""
+    path = f"results/{rec['_path']}"
+    where = f"[{path}]({link_prefix}{rec['_path']})" if link_prefix is not None else f"`{path}`"
+    commit = str(rec.get("commit") or "unknown")
+    sha, plus, rest = commit.partition("+")
+    short = (sha[:7] if re.fullmatch(r"[0-9a-f]{8,40}", sha) else sha) + plus + rest
+    parts = [f"`{rec['profile']}` profile on `{rec['device']}`"]
+    if rec.get("seed") is not None:
+        parts.append(f"seed {rec['seed']}")
+    parts += [f"commit `{short}`", f"wall time {wall_text(rec.get('wall_s'))}"]
+    if rec.get("dataset"):
+        parts.append(f"data: {rec['dataset']}")
+    return "Run: " + ", ".join(parts) + f"; record {where}"
+
+
+def compact_table(ours: list[dict], papers: list[dict]) -> str:
+    """``model | NFE | metric | ours | paper``: this run's rows, then the papers' numbers.
+
+    The metric column names the data it was measured on (short form); a paper's number carries
+    its citation in short form.
+    """
+
+    def metric(r: dict) -> str:
+        data = short_dataset(r.get("dataset") or "")
+        return f"{r['metric']} on {data}" if data else r["metric"]
+
+    lines = ["| model | NFE | metric | ours | paper |", "|---|---|---|---|---|"]
+    lines += [
+        f"| {r['model']} | {_fmt(r.get('nfe'))} | {metric(r)} | {value_text(r)} |  |" for r in ours
+    ]
+    lines += [
+        f"| {p['model']} | {_fmt(p.get('nfe'))} | {metric(p)} |  | "
+        f"{value_text(p)} ({cite_short(p['source'])[0]}) |"
+        for p in papers
+    ]
+    remarks = dict.fromkeys(
+        f"{cite_short(p['source'])[0]}: {cite_short(p['source'])[1]}."
+        for p in papers
+        if cite_short(p["source"])[1]
+    )
+    return "\n".join(lines) + "\n" + "".join(f"\n{r}\n" for r in remarks)
+
+
+def _profile_key(rec: dict) -> tuple:
+    p = rec.get("profile", "")
+    return (PROFILES.index(p) if p in PROFILES else len(PROFILES), p, rec.get("device", ""))
+
+
+def markdown_table(root: str | Path | None = None, link_prefix: str | None = None) -> str:
+    """The reproduction tables: per chapter, each run's provenance line and its compact table.
+
+    A chapter with several runs (profiles, devices) gets one line and one table per run. The
+    papers' numbers go to the table of the first run that measured the same metric on the
+    same data, else to the chapter's last run (the largest profile). Each run links to its
+    record at ``link_prefix + path`` (or names the path when None).
     """
     records = read_records(root)
-    chapters = sorted({r["chapter"] for r in records} | {p["chapter"] for p in read_papers()})
+    papers = read_papers()
+    chapters = sorted({r["chapter"] for r in records} | {p["chapter"] for p in papers})
     parts = []
     for ch in chapters:
-        rows = []
-        for rec in (r for r in records if r["chapter"] == ch):
-            where = (
-                f"[record]({link_prefix}{rec['_path']})"
-                if link_prefix is not None
-                else f"`results/{rec['_path']}`"
-            )
-            src = f"this book, `{rec['profile']}` on {rec['device']} ({where})"
-            rows += [
-                {**rw, "dataset": rw.get("dataset") or rec["dataset"], "source": src}
-                for rw in rec["rows"]
+        runs = sorted((r for r in records if r["chapter"] == ch), key=_profile_key)
+        theirs: list[list[dict]] = [[] for _ in runs] or [[]]
+        for p in (p for p in papers if p["chapter"] == ch):
+            same = [
+                i
+                for i, rec in enumerate(runs)
+                if any(
+                    rw["metric"] == p["metric"]
+                    and short_dataset(rw.get("dataset") or rec["dataset"]) == p["dataset"]
+                    for rw in rec["rows"]
+                )
             ]
-        parts.append(f"**{ch}**\n\n" + rows_markdown(rows + paper_rows(ch)))
+            theirs[same[0] if same else -1].append(p)
+        blocks = [
+            f"{provenance(rec, link_prefix)}\n\n"
+            + compact_table(
+                [
+                    {**rw, "dataset": rw.get("dataset") or rec.get("dataset", "")}
+                    for rw in rec["rows"]
+                ],
+                pp,
+            )
+            for rec, pp in zip(runs, theirs)
+        ]
+        if not runs:
+            blocks = [f"No run of this book recorded yet.\n\n{compact_table([], theirs[0])}"]
+        parts.append(f"**{ch}**\n\n" + "\n".join(blocks))
     return "\n".join(parts)
 
 

@@ -17,7 +17,121 @@ def test_write_and_read_record(tmp_path):
     assert rec["osdlib_version"] == __version__
     table = results.markdown_table(tmp_path, link_prefix="results/")
     assert "(results/foundations/ci-cpu.json)" in table and "| 1.5 |" in table
-    assert "paper: Ho et al. 2020 (DDPM)" in table  # the papers' numbers sit next to ours
+    assert "(Ho et al. 2020, DDPM) |" in table  # the papers' numbers sit next to ours
+
+
+def _record(root, chapter, profile, device, rows, **extra):
+    rec = {
+        "chapter": chapter,
+        "profile": profile,
+        "device": device,
+        "seed": 0,
+        "dataset": "digits (sklearn.datasets.load_digits, 1797 images)",
+        "rows": rows,
+        "wall_s": 570.77,
+        "commit": "4895cce403bece856a9946e58043e51c4142f9c5",
+        **extra,
+    }
+    path = root / chapter / f"{profile}-{device}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec))
+    return path
+
+
+def _block(table, chapter):
+    """The part of the generated tables that belongs to one chapter."""
+    return table.split(f"**{chapter}**\n", 1)[1].split("\n**", 1)[0]
+
+
+def test_compact_table_has_one_provenance_line_per_run(tmp_path):
+    fd = "proxy-FD (classifier features, not FID)"
+    digits = "digits (sklearn.datasets.load_digits, 1797 images)"
+    _record(
+        tmp_path,
+        "consistency",
+        "book",
+        "cpu",
+        [
+            results.row("ECT", fd, 56.25, nfe=1, dataset=digits),
+            results.row("CT (2-D)", "SWD", 0.277, nfe=1, dataset="8gaussians"),
+        ],
+    )
+    _record(
+        tmp_path,
+        "consistency",
+        "gpu",
+        "nvidia-h100",
+        [
+            results.row("ECT", "FID (50k)", 3.9, nfe=1, dataset="CIFAR-10 (JPEG copy)"),
+        ],
+        wall_s=42.0,
+        commit="abcdef0123456789abcdef0123456789abcdef01+dirty",
+        dataset="CIFAR-10",
+    )
+    block = _block(results.markdown_table(tmp_path, link_prefix="results/"), "consistency")
+    lines = block.strip().splitlines()
+    runs = [ln for ln in lines if ln.startswith("Run: ")]
+    assert runs == [
+        "Run: `book` profile on `cpu`, seed 0, commit `4895cce`, wall time 9 min 31 s, "
+        f"data: {digits}; record "
+        "[results/consistency/book-cpu.json](results/consistency/book-cpu.json)",
+        "Run: `gpu` profile on `nvidia-h100`, seed 0, commit `abcdef0+dirty`, wall time 42 s, "
+        "data: CIFAR-10; record "
+        "[results/consistency/gpu-nvidia-h100.json](results/consistency/gpu-nvidia-h100.json)",
+    ]  # the smaller profile first, each with its own table
+    assert sum(ln == "| model | NFE | metric | ours | paper |" for ln in lines) == 2
+    # The record's path and the full dataset description are said once, not on every row.
+    assert block.count("book-cpu.json") == 2 and block.count(digits) == 1
+    assert "| ECT | 1 | proxy-FD (classifier features, not FID) on digits | 56.2 |  |" in lines
+    assert "| CT (2-D) | 1 | SWD on 8gaussians | 0.277 |  |" in lines
+    # Every table row has the five columns.
+    assert all(ln.count("|") == 6 for ln in lines if ln.startswith("|"))
+    # The papers' FIDs on CIFAR-10 sit in the table of the run that measured FID on CIFAR-10.
+    gpu_table = block.split("gpu-nvidia-h100.json)", 1)[1]
+    assert "| FID (50k) on CIFAR-10 |  | 2.83 (Song & Dhariwal 2024, iCT) |" in gpu_table
+    assert "Song & Dhariwal" not in block.split("gpu-nvidia-h100.json)", 1)[0]
+    # In the book (no link prefix) the record is named, not linked.
+    book = _block(results.markdown_table(tmp_path), "consistency")
+    assert "record `results/consistency/book-cpu.json`" in book and "](" not in book
+
+
+def test_seed_spread_is_shown_where_a_row_has_one(tmp_path):
+    rows = [
+        {**results.row("ReNO", "judge accuracy", 0.998, nfe=1), "std": 0.001633, "seeds": 3},
+        results.row("one step", "judge accuracy", 0.972, nfe=1),
+    ]
+    _record(tmp_path, "reno", "book", "cpu", rows, wall_s=None, commit="unknown")
+    block = _block(results.markdown_table(tmp_path), "reno")
+    assert "| ReNO | 1 | judge accuracy on digits | 0.998 ± 0.0016 (3 seeds) |  |" in block
+    assert "| one step | 1 | judge accuracy on digits | 0.972 |  |" in block
+    assert "commit `unknown`, wall time not recorded" in block
+    # A paper's remark after ";" leaves the table cell and is said once under the table.
+    assert "(Eyring et al. 2024, ReNO) |" in block
+    assert block.count("GenEval numbers from the authors' follow-up") == 1
+    assert results.value_text({"value": 181.0, "std": 4.5}) == "181 ± 4.5"
+
+
+def test_benchmarks_stay_out_of_the_tables(tmp_path):
+    _record(tmp_path, "dmd2", "book", "cpu", [results.row("DMD2", "SWD", 0.2, nfe=1)])
+    bench = tmp_path / "benchmarks" / "throughput-cpu.json"
+    bench.parent.mkdir()
+    # Even a measurement file that names a chapter is not a chapter run.
+    bench.write_text(
+        json.dumps(
+            {
+                "chapter": "dmd2",
+                "profile": "gpu",
+                "device": "cpu",
+                "rows": [{"model": "unet", "metric": "images/s", "value": 9}],
+                "wall_s": 1.0,
+            }
+        )
+    )
+    assert [r["_path"] for r in results.read_records(tmp_path)] == ["dmd2/book-cpu.json"]
+    table = results.markdown_table(tmp_path)
+    assert "benchmarks" not in table and "images/s" not in table
+    # A chapter with papers' numbers and no run says so and still shows the papers.
+    assert "No run of this book recorded yet." in _block(table, "consistency")
 
 
 def test_papers_file_cites_known_references():
