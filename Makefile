@@ -8,7 +8,7 @@ SEED    ?=
 NOTEBOOK = $(firstword $(wildcard notebooks/$(CHAPTER)*.ipynb))
 OUT     ?= runs/$(basename $(notdir $(NOTEBOOK)))-$(PROFILE).ipynb
 
-.PHONY: setup book test lint reproduce results clean gpu-book offline-kit check-book
+.PHONY: setup book test lint reproduce results clean gpu-book offline-kit check-book bench
 
 # The virtual environment, created on first use (and refreshed when pyproject.toml changes).
 setup: $(VENV)/.installed
@@ -67,6 +67,12 @@ offline-kit: setup
 .PHONY: fid-weights
 fid-weights: setup
 	$(BIN)/python -m osdlib.metrics --prepare-weights $(if $(FP16),--fp16)
+
+# Throughput of every chapter's training step and of sampling at NFE 1, 2, 4, ... (book and gpu
+# sizes, random weights), and the book's CIFAR-10 UNet beside torchcfm's when the `bench` extra
+# is installed: results/benchmarks/chapters-<device>.json
+bench: setup
+	$(BIN)/python benchmarks/chapters.py
 
 # Regenerate the results tables of README.md and book/results.md from results/*.json.
 results: setup
