@@ -193,7 +193,7 @@ def value_text(r: dict) -> str:
     if r.get("std") is not None:
         std = r["std"]
         text += f" ± {std:.2g}" if isinstance(std, float) else f" ± {std}"
-    if r.get("seeds"):
+    if r.get("seeds") and r["seeds"] > 1:  # one seed is every other row's case: said nowhere
         text += f" ({r['seeds']} seeds)"
     return text
 

@@ -109,6 +109,7 @@ def test_seed_spread_is_shown_where_a_row_has_one(tmp_path):
     assert "(Eyring et al. 2024, ReNO) |" in block
     assert block.count("GenEval numbers from the authors' follow-up") == 1
     assert results.value_text({"value": 181.0, "std": 4.5}) == "181 ± 4.5"
+    assert results.value_text({"value": 0.14, "seeds": 1}) == "0.14"  # one seed: nothing said
 
 
 def test_benchmarks_stay_out_of_the_tables(tmp_path):
