@@ -18,11 +18,10 @@ listed model is found in the committed records).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from .results import repo_root, results_dir
+from .results import read_records, repo_root, results_dir
 
 # chapter -> [(model name in the record, name in the frontier, method family)]
 IMAGE_MODELS: dict[str, list[tuple[str, str, str]]] = {
@@ -107,10 +106,9 @@ def load_records(root: str | Path | None = None) -> list[dict]:
         roots = [committed / "results"] if committed else []
         roots += [] if results_dir() in roots else [results_dir()]
     found: dict[str, dict] = {}
-    for folder in roots:
-        for p in folder.glob("*/*.json"):
-            if p.parent.name not in ("benchmarks", "frontier"):  # not chapter runs
-                found[f"{p.parent.name}/{p.name}"] = json.loads(p.read_text())
+    for folder in roots:  # results.read_records leaves out benchmarks/ and frontier/
+        for record in read_records(folder):
+            found[record.pop("_path")] = record
     rank = {c: i for i, c in enumerate(ORDER)}
     order = sorted(found, key=lambda k: (rank.get(k.split("/")[0], 99), k))
     return [{**found[k], "path": k} for k in order]

@@ -114,18 +114,12 @@ class Ensemble(nn.Module):
         split = [
             a.reshape(n, total // n, *a.shape[1:]) if d == 0 else a for a, d in zip(args, dims)
         ]
-        base = self._base
+        # functional_call reaches forward only: another method goes through a _Method wrapper
+        target = self._base if method == "forward" else _Method(self._base, method)
+        prefix = "" if method == "forward" else "m."
 
         def one(params, *a):
-            return (
-                torch.func.functional_call(base, params, a, strict=True)
-                if method == "forward"
-                else (
-                    torch.func.functional_call(
-                        _Method(base, method), {f"m.{k}": v for k, v in params.items()}, a
-                    )
-                )
-            )
+            return torch.func.functional_call(target, {prefix + k: v for k, v in params.items()}, a)
 
         out = torch.func.vmap(one, in_dims=(0, *dims))(self._params(), *split)
         return out.reshape(total, *out.shape[2:])
