@@ -50,6 +50,20 @@ reproduce: setup
 		$(if $(SEED),-p seed $(SEED))
 	mv runs/executing/$(notdir $(OUT)) $(OUT)
 
+# The same chapters at other seeds, for seed spreads: make seeds [CHAPTERS="00 01"] [SEEDS="1 2"]
+# Each run is a full re-run of the chapter (chapter 00 trains that seed's teacher, later chapters
+# load it); its record is results/<chapter>/<profile>-<device>-seed<N>.json, and the results
+# tables and chapter 07 give mean and spread over the seeds found. Executed notebooks go to
+# runs/seeds/ (not committed). Chapter-major order: 01 needs the teacher 00 made for that seed.
+CHAPTERS ?= 00 01 02 03 04 06
+SEEDS    ?= 1 2
+.PHONY: seeds
+seeds: setup
+	@for c in $(CHAPTERS); do for s in $(SEEDS); do \
+		$(MAKE) --no-print-directory reproduce CHAPTER=$$c SEED=$$s PROFILE=$(PROFILE) \
+			OUT=runs/seeds/$$c-$(PROFILE)-seed$$s.ipynb || exit 1; \
+	done; done
+
 # The whole book at the gpu profile: every chapter through papermill, in order, each within
 # its time budget (scripts/run_chapters.py); notebooks, records and figures in GPU_OUT.
 GPU_OUT ?= runs/gpu

@@ -521,6 +521,9 @@ def fid_label(samples: int) -> str:
     return f"FID ({samples // 1000}k)" if samples % 1000 == 0 else f"FID ({samples})"
 
 
+CLASSIFIER_SEED = 0  # the classifier's seed, the same for every run (see get_classifier)
+
+
 def get_classifier(
     settings: dict,
     data: ImageData,
@@ -528,12 +531,17 @@ def get_classifier(
     root: str | Path | None = None,
     progress: bool = True,
 ) -> tuple[nn.Module, dict]:
-    """The book's classifier for ``data``: loaded from the cache, or trained and cached."""
+    """The book's classifier for ``data``: loaded from the cache, or trained and cached.
+
+    It is the yardstick of accuracy and proxy-FD, so it is trained with one fixed seed
+    (:data:`CLASSIFIER_SEED`) whatever the run's seed: runs of several seeds (``make seeds``)
+    are then measured with the same ruler, and their spread is the models', not the ruler's.
+    """
     from .nets import SmallClassifier
     from .teachers import cache_dir
     from .train import load_weights, save_weights
 
-    steps, seed = settings["classifier_steps"], settings["seed"]
+    steps, seed = settings["classifier_steps"], CLASSIFIER_SEED
     folder = Path(root or cache_dir()) / "classifiers" / f"{data.name}-{len(data)}-{steps}-{seed}"
     weights = folder / "classifier.safetensors"
     if weights.exists() and not retrain:

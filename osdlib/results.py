@@ -113,7 +113,11 @@ def write_record(
     extra: dict | None = None,
     root: str | Path | None = None,
 ) -> Path:
-    """Write ``<root>/<chapter>/<profile>-<device>.json`` and return its path."""
+    """Write ``<root>/<chapter>/<profile>-<device>.json`` and return its path.
+
+    A run with a seed other than 0 (``make seeds``) writes ``<profile>-<device>-seed<N>.json``
+    beside it, so that the runs of several seeds are kept side by side (:func:`record_groups`).
+    """
     device = device_name(settings.get("device", "cpu"))
     record = {
         "chapter": chapter,
@@ -139,7 +143,9 @@ def write_record(
 
         weights = find_inception_weights()
         record["fid_weights"] = weights.name if weights else "torch-fidelity download"
-    path = Path(root or results_dir()) / chapter / f"{settings['profile']}-{device}.json"
+    seed = settings.get("seed") or 0
+    name = f"{settings['profile']}-{device}" + (f"-seed{seed}" if seed else "")
+    path = Path(root or results_dir()) / chapter / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(_jsonable(record), indent=1) + "\n")

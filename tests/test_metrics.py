@@ -187,3 +187,14 @@ def test_image_eval_rows_and_grid():
     assert ev(real)["proxy_fd"] < row["proxy_fd"]
     grid = ev.grid(x)
     assert len(grid) == 20 and (ev.labels[ev.show] == torch.arange(10).repeat_interleave(2)).all()
+
+
+def test_classifier_is_the_same_ruler_for_every_seed(tmp_path):
+    from osdlib import data, profiles
+
+    images = data.load("digits")
+    s0 = profiles.resolve("foundations", "ci", seed=0, overrides={"classifier_steps": 5})
+    s1 = profiles.resolve("foundations", "ci", seed=1, overrides={"classifier_steps": 5})
+    _, info0 = metrics.get_classifier(s0, images, root=tmp_path, progress=False)
+    _, info1 = metrics.get_classifier(s1, images, root=tmp_path, progress=False)
+    assert info0["trained_now"] and not info1["trained_now"]

@@ -20,6 +20,18 @@ def test_write_and_read_record(tmp_path):
     assert "(Ho et al. 2020, DDPM) |" in table  # the papers' numbers sit next to ours
 
 
+def test_other_seeds_write_their_own_record(tmp_path):
+    rows = [results.row("teacher", "proxy-FD", 1.5, nfe=4, dataset="digits")]
+    paths = [
+        results.write_record(
+            "foundations", profiles.resolve("foundations", "ci", seed=s), {}, rows, root=tmp_path
+        )
+        for s in (0, 1, 2)
+    ]
+    assert [p.name for p in paths] == ["ci-cpu.json", "ci-cpu-seed1.json", "ci-cpu-seed2.json"]
+    assert [json.loads(p.read_text())["seed"] for p in paths] == [0, 1, 2]
+
+
 def _record(root, chapter, profile, device, rows, **extra):
     rec = {
         "chapter": chapter,
