@@ -655,6 +655,18 @@ def mean_std(values) -> tuple[float, float]:
     return float(t.mean()), float(t.std()) if len(t) > 1 else 0.0
 
 
+def pooled(groups: list[tuple[int, float, float | None]]) -> tuple[int, float, float | None]:
+    """``(n, mean, std)`` of all seeds together, from the ``(n, mean, std)`` of groups of seeds
+    (e.g. the same row of runs at several seeds, each a mean over its own seeds). Exact: the
+    same as the sample mean and standard deviation of all the values; std is None for one."""
+    n = sum(k for k, _, _ in groups)
+    mean = sum(k * m for k, m, _ in groups) / n
+    if n < 2:
+        return n, mean, None
+    ss = sum((k - 1) * (s or 0.0) ** 2 + k * (m - mean) ** 2 for k, m, s in groups)
+    return n, mean, (ss / (n - 1)) ** 0.5
+
+
 def over_seeds(rows: list[dict], key: str = "model", seed_key: str = "seed") -> list[dict]:
     """Collapse rows of several seeds into one row per ``key`` value (first-seen order): each
     numeric column becomes its mean, with ``<column>_std`` (sample std; none for a single

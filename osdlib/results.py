@@ -254,10 +254,15 @@ def wall_text(seconds: float | None) -> str:
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
-def provenance(rec: dict, link_prefix: str | None = None) -> str:
-    """One line that says which run a table comes from, and links to its record."""
+def _where(rec: dict, link_prefix: str | None) -> str:
     path = f"results/{rec['_path']}"
-    where = f"[{path}]({link_prefix}{rec['_path']})" if link_prefix is not None else f"`{path}`"
+    return f"[{path}]({link_prefix}{rec['_path']})" if link_prefix is not None else f"`{path}`"
+
+
+def provenance(rec: dict, link_prefix: str | None = None, others: list[dict] = ()) -> str:
+    """One line that says which run a table comes from, and links to its record; ``others``
+    are the same run at other seeds, whose records the line links too."""
+    where = _where(rec, link_prefix)
     commit = str(rec.get("commit") or "unknown")
     sha, plus, rest = commit.partition("+")
     short = (sha[:7] if re.fullmatch(r"[0-9a-f]{8,40}", sha) else sha) + plus + rest
@@ -267,7 +272,46 @@ def provenance(rec: dict, link_prefix: str | None = None) -> str:
     parts += [f"commit `{short}`", f"wall time {wall_text(rec.get('wall_s'))}"]
     if rec.get("dataset"):
         parts.append(f"data: {rec['dataset']}")
-    return "Run: " + ", ".join(parts) + f"; record {where}"
+    line = "Run: " + ", ".join(parts) + f"; record {where}"
+    if others:
+        seeds = ", ".join(f"seed {o.get('seed')} ({_where(o, link_prefix)})" for o in others)
+        line += f". The same run at {seeds}: values are mean ± std over all the seeds"
+    return line
+
+
+def record_groups(records: list[dict]) -> list[list[dict]]:
+    """The records of one run at several seeds (same chapter, profile and device) grouped,
+    the lowest seed first; the groups in chapter, then profile order."""
+    groups: dict[tuple, list[dict]] = {}
+    for rec in sorted(records, key=lambda r: (r["chapter"], _profile_key(r), r.get("seed") or 0)):
+        groups.setdefault((rec["chapter"], *_profile_key(rec)), []).append(rec)
+    return list(groups.values())
+
+
+def pool_rows(records: list[dict]) -> list[dict]:
+    """The table rows of one run at several seeds (:func:`record_groups`), pooled: for each
+    (model, metric, NFE, data) the mean over every seed with its standard deviation and the
+    number of seeds; a row that is itself a mean over seeds (``seeds``, ``std``) counts each
+    of them (:func:`osdlib.metrics.pooled`). Rows in the order of the first record."""
+    from .metrics import pooled
+
+    keyed: dict[tuple, list[dict]] = {}
+    for rec in records:
+        seen: dict[tuple, int] = {}
+        for rw in rec["rows"]:
+            rw = {**rw, "dataset": rw.get("dataset") or rec.get("dataset", "")}
+            key = (rw["model"], rw["metric"], rw.get("nfe"), rw["dataset"])
+            seen[key] = seen.get(key, 0) + 1  # a row repeated within one record stays apart
+            keyed.setdefault((*key, seen[key]), []).append(rw)
+    out = []
+    for rws in keyed.values():
+        values = [r.get("value") for r in rws]
+        if len(rws) == 1 or not all(isinstance(v, (int, float)) for v in values):
+            out.append(rws[0])
+            continue
+        n, mean, std = pooled([(r.get("seeds") or 1, r["value"], r.get("std")) for r in rws])
+        out.append({**rws[0], "value": mean, "std": std, "seeds": n})
+    return out
 
 
 def compact_table(ours: list[dict], papers: list[dict]) -> str:
@@ -306,7 +350,8 @@ def _profile_key(rec: dict) -> tuple:
 def markdown_table(root: str | Path | None = None, link_prefix: str | None = None) -> str:
     """The reproduction tables: per chapter, each run's provenance line and its compact table.
 
-    A chapter with several runs (profiles, devices) gets one line and one table per run. The
+    A chapter with several runs (profiles, devices) gets one line and one table per run; the
+    records of one run at several seeds make one table of means ± std (:func:`pool_rows`). The
     papers' numbers go to the table of the first run that measured the same metric on the
     same data, else to the chapter's last run (the largest profile). Each run links to its
     record at ``link_prefix + path`` (or names the path when None).
@@ -314,14 +359,15 @@ def markdown_table(root: str | Path | None = None, link_prefix: str | None = Non
     records = read_records(root)
     papers = read_papers()
     chapters = sorted({r["chapter"] for r in records} | {p["chapter"] for p in papers})
+    groups = record_groups(records)
     parts = []
     for ch in chapters:
-        runs = sorted((r for r in records if r["chapter"] == ch), key=_profile_key)
+        runs = [g for g in groups if g[0]["chapter"] == ch]  # one run = its seeds' records
         theirs: list[list[dict]] = [[] for _ in runs] or [[]]
         for p in (p for p in papers if p["chapter"] == ch):
             same = [
                 i
-                for i, rec in enumerate(runs)
+                for i, (rec, *_) in enumerate(runs)
                 if any(
                     rw["metric"] == p["metric"]
                     and short_dataset(rw.get("dataset") or rec["dataset"]) == p["dataset"]
@@ -330,15 +376,8 @@ def markdown_table(root: str | Path | None = None, link_prefix: str | None = Non
             ]
             theirs[same[0] if same else -1].append(p)
         blocks = [
-            f"{provenance(rec, link_prefix)}\n\n"
-            + compact_table(
-                [
-                    {**rw, "dataset": rw.get("dataset") or rec.get("dataset", "")}
-                    for rw in rec["rows"]
-                ],
-                pp,
-            )
-            for rec, pp in zip(runs, theirs)
+            f"{provenance(run[0], link_prefix, run[1:])}\n\n" + compact_table(pool_rows(run), pp)
+            for run, pp in zip(runs, theirs)
         ]
         if not runs:
             blocks = [f"No run of this book recorded yet.\n\n{compact_table([], theirs[0])}"]

@@ -198,3 +198,14 @@ def test_classifier_is_the_same_ruler_for_every_seed(tmp_path):
     _, info0 = metrics.get_classifier(s0, images, root=tmp_path, progress=False)
     _, info1 = metrics.get_classifier(s1, images, root=tmp_path, progress=False)
     assert info0["trained_now"] and not info1["trained_now"]
+
+
+def test_pooled_equals_the_statistics_of_all_values():
+    values = [0.3, 0.5, 0.4, 1.2, 0.9, 0.7, 0.1]
+    parts = [values[:3], values[3:4], values[4:]]  # one part a single run without a spread
+    groups = [(len(p), *metrics.mean_std(p)) for p in parts]
+    groups[1] = (1, groups[1][1], None)
+    n, mean, std = metrics.pooled(groups)
+    assert n == 7
+    assert mean == pytest.approx(np.mean(values)) and std == pytest.approx(np.std(values, ddof=1))
+    assert metrics.pooled([(1, 2.0, None)]) == (1, 2.0, None)

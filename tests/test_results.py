@@ -173,3 +173,22 @@ def test_generated_tables_are_up_to_date():
         block = text.split(results.START, 1)[1].split(results.END, 1)[0]
         expected = "\n" + results.markdown_table(ROOT / "results", prefix)
         assert block == expected, f"{name} is stale: run `make results`"
+
+
+def test_runs_at_several_seeds_make_one_table_of_means_and_spreads(tmp_path):
+    for seed, (fd, swd) in enumerate(((20.0, 0.2), (22.0, 0.3), (24.0, 0.25))):
+        rows = [
+            results.row("2-RF", "proxy-FD", fd, nfe=1),
+            {**results.row("VSD (2-D)", "SWD", swd, nfe=1, dataset="8gaussians"), "seeds": 1},
+        ]
+        if seed == 0:  # an in-run spread over 3 seeds of its own counts 3 times
+            rows[1] |= {"value": 0.2, "std": 0.1, "seeds": 3}
+        path = _record(tmp_path, "rectified_flow", "book", "cpu", rows, seed=seed)
+        path.rename(path.with_name(f"book-cpu-seed{seed}.json" if seed else "seed0.tmp"))
+    (tmp_path / "rectified_flow" / "seed0.tmp").rename(tmp_path / "rectified_flow/book-cpu.json")
+    table = results.markdown_table(tmp_path, link_prefix="results/")
+    assert table.count("Run: ") == 1  # one run, three seeds
+    assert "seed 1 ([results/rectified_flow/book-cpu-seed1.json]" in table
+    assert "seed 2 ([results/rectified_flow/book-cpu-seed2.json]" in table
+    assert "| 2-RF | 1 | proxy-FD on digits | 22 ± 2 (3 seeds) |  |" in table
+    assert "| VSD (2-D) | 1 | SWD on 8gaussians | 0.23 ± 0.084 (5 seeds) |  |" in table
