@@ -1,7 +1,7 @@
 """The frontier: every one- and few-step generator of the book side by side, from records.
 
 Nothing here trains or samples. :func:`load_records` reads the result records that the
-chapters wrote (``results/<chapter>/<profile>-<device>.json``), and the ``*_rows`` functions
+chapters wrote (``results/<chapter>/<profile>-<device>[-seed<N>].json``), and the ``*_rows`` functions
 pick out of them the rows that belong on one comparison, with the record, commit, profile and
 device each row comes from:
 
@@ -115,10 +115,11 @@ def load_records(root: str | Path | None = None) -> list[dict]:
 
 
 def provenance(record: dict) -> dict:
-    """Where a number comes from: the record's file, commit, profile and device."""
+    """Where a number comes from: the record's file, commit, profile, device and seed."""
     return {
         "chapter": record["chapter"],
         "record": record["path"],
+        "seed": record.get("seed") or 0,
         "commit": str(record.get("commit", "unknown"))[:7],
         "profile": record["profile"],
         "device": record["device"],
@@ -173,8 +174,35 @@ def _cost(record: dict, key: str) -> dict[str, Any]:
     }
 
 
+def pool_seeds(rows: list[dict], columns) -> list[dict]:
+    """The rows of one run at several seeds (records of the same chapter, profile and device,
+    written by ``make seeds``) made one row per model and NFE: each of ``columns`` becomes the
+    mean over every seed with ``<column>_std`` and ``seeds`` (a row that is already a mean over
+    seeds of its own counts each of them; :func:`osdlib.metrics.pooled`). The rest of the row
+    (cost, provenance) is the lowest seed's, and ``seed_records`` lists every record pooled."""
+    from .metrics import pooled
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        key = (r["chapter"], r["profile"], r["device"], r["model"], r["nfe"])
+        groups.setdefault(key, []).append(r)
+    out = []
+    for rs in groups.values():
+        rs = sorted(rs, key=lambda r: r.get("seed") or 0)
+        row = dict(rs[0])
+        if len(rs) > 1:
+            for col in columns:
+                if all(r.get(col) is not None for r in rs):
+                    stats = [(r.get("seeds") or 1, r[col], r.get(f"{col}_std")) for r in rs]
+                    row["seeds"], row[col], row[f"{col}_std"] = pooled(stats)
+            row["seed_records"] = [r["record"] for r in rs]
+        out.append(row)
+    return out
+
+
 def image_rows(records: list[dict]) -> list[dict]:
-    """The frontier's image rows, in chapter order, each with its provenance and cost."""
+    """The frontier's image rows, in chapter order, each with its provenance and cost; the
+    records of one run at several seeds give one row of means and spreads (:func:`pool_seeds`)."""
     out = []
     for record in records:
         chapter = record["chapter"]
@@ -197,7 +225,7 @@ def image_rows(records: list[dict]) -> list[dict]:
                     | {"params": _params(record, key)}
                     | provenance(record)
                 )
-    return out
+    return pool_seeds(out, QUALITY)
 
 
 def _params(record: dict, key: str) -> int | None:
@@ -211,7 +239,8 @@ def _params(record: dict, key: str) -> int | None:
 
 def toy_rows(records: list[dict], max_nfe: int = 2) -> list[dict]:
     """The 2-D rows (8 Gaussians) up to ``max_nfe``: SWD and modes hit, with the record each
-    comes from (chapter 00's teacher also at its largest NFE, the reference)."""
+    comes from (chapter 00's teacher also at its largest NFE, the reference); pooled over the
+    records of one run at several seeds like :func:`image_rows`."""
     out = []
     for record in records:
         toy = record["metrics"].get("toy", [])
@@ -227,7 +256,7 @@ def toy_rows(records: list[dict], max_nfe: int = 2) -> list[dict]:
                 row = {"model": name, "nfe": nfe}
                 row |= {k: v for k, v in r.items() if _is(k, ("swd", "modes")) or k == "seeds"}
                 out.append(row | provenance(record))
-    return out
+    return pool_seeds(out, ("swd", "modes"))
 
 
 def reno_rows(records: list[dict]) -> list[dict]:

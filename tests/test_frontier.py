@@ -55,6 +55,25 @@ def test_rows_carry_cost_spread_and_provenance(tmp_path):
     assert [(r["model"], r["nfe"]) for r in toy] == [("CT", 1)]  # NFE above 2 left out
 
 
+def test_records_of_several_seeds_are_pooled(tmp_path):
+    def record(seed, fd, swd):
+        image = [{"model": "VSD", "nfe": 1, "accuracy": 0.9, "proxy_fd": fd}]
+        toy = [{"model": "VSD, online fake score", "nfe": 1, "swd": swd, "seeds": 1, "modes": 8}]
+        head = {"chapter": "score_distillation", "profile": "book", "device": "cpu", "seed": seed}
+        return head | {"metrics": {"image": image, "toy": toy, "train_steps": {"VSD": 10}}}
+
+    for seed, fd, swd in ((0, 30.0, 0.2), (1, 34.0, 0.3), (2, 32.0, 0.25)):
+        name = f"book-cpu-seed{seed}.json" if seed else "book-cpu.json"
+        _write(tmp_path, "score_distillation", name, record(seed, fd, swd))
+    records = frontier.load_records(tmp_path)
+    (row,) = frontier.image_rows(records)
+    assert row["proxy_fd"] == 32.0 and row["proxy_fd_std"] == 2.0 and row["seeds"] == 3
+    assert row["record"] == "score_distillation/book-cpu.json" and row["seed"] == 0
+    assert len(row["seed_records"]) == 3 and row["train_steps"] == 10
+    (toy,) = frontier.toy_rows(records)
+    assert toy["swd"] == 0.25 and toy["seeds"] == 3 and toy["modes"] == 8
+
+
 def test_reno_rows_mean_and_spread(tmp_path):
     summary = [
         {"generator": "G", "variant": "ReNO", "reward": [-0.1, 0.01], "judge_accuracy": [0.9, 0.02]}
