@@ -385,6 +385,25 @@ def markdown_table(root: str | Path | None = None, link_prefix: str | None = Non
     return "\n".join(parts)
 
 
+def seed_summary(chapter: str, settings: dict, root: str | Path | None = None) -> str:
+    """Markdown for the end of a chapter: its record's rows pooled over every seed recorded
+    for the same profile and device (``make seeds``), mean ± std, with the records linked by
+    path; or a sentence saying that only one seed is recorded."""
+    device = device_name(settings.get("device", "cpu"))
+    run = [
+        r
+        for r in read_records(root)
+        if r["chapter"] == chapter and r["profile"] == settings["profile"] and r["device"] == device
+    ]
+    run.sort(key=lambda r: r.get("seed") or 0)
+    if len(run) < 2:
+        return (
+            f"Only one seed of this chapter is recorded at `{settings['profile']}` on `{device}`; "
+            "`make seeds` re-runs it at others and this table then gives mean ± std over them."
+        )
+    return f"{provenance(run[0], None, run[1:])}\n\n" + compact_table(pool_rows(run), [])
+
+
 def replace_block(text: str, block: str) -> str:
     """Replace what stands between the START and END markers of ``text`` with ``block``."""
     if START not in text or END not in text:

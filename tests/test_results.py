@@ -192,3 +192,15 @@ def test_runs_at_several_seeds_make_one_table_of_means_and_spreads(tmp_path):
     assert "seed 2 ([results/rectified_flow/book-cpu-seed2.json]" in table
     assert "| 2-RF | 1 | proxy-FD on digits | 22 ± 2 (3 seeds) |  |" in table
     assert "| VSD (2-D) | 1 | SWD on 8gaussians | 0.23 ± 0.084 (5 seeds) |  |" in table
+
+
+def test_seed_summary_pools_this_chapters_seeds(tmp_path):
+    s = profiles.resolve("foundations", "ci")
+    assert "Only one seed" in results.seed_summary("foundations", s, root=tmp_path)
+    for seed, v in ((0, 1.0), (1, 3.0)):
+        rows = [results.row("teacher", "proxy-FD", v, nfe=4, dataset="digits")]
+        settings = profiles.resolve("foundations", "ci", seed=seed)
+        results.write_record("foundations", settings, {}, rows, root=tmp_path)
+    text = results.seed_summary("foundations", s, root=tmp_path)
+    assert "seed 1 (`results/foundations/ci-cpu-seed1.json`)" in text
+    assert "| teacher | 4 | proxy-FD on digits | 2 ± 1.4 (2 seeds) |  |" in text
