@@ -110,7 +110,12 @@ def load_records(root: str | Path | None = None) -> list[dict]:
         for record in read_records(folder):
             found[record.pop("_path")] = record
     rank = {c: i for i, c in enumerate(ORDER)}
-    order = sorted(found, key=lambda k: (rank.get(k.split("/")[0], 99), k))
+
+    def key(path: str) -> tuple:  # chapter order, then profile/device, then seed
+        run = path.split("-seed")[0] if found[path].get("seed") else path.removesuffix(".json")
+        return (rank.get(path.split("/")[0], 99), run, found[path].get("seed") or 0)
+
+    order = sorted(found, key=key)
     return [{**found[k], "path": k} for k in order]
 
 

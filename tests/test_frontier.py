@@ -8,7 +8,7 @@ from osdlib import frontier, results
 def test_every_listed_model_is_in_the_committed_book_records():
     records = [r for r in frontier.load_records() if r["profile"] == "book"]
     chapters = [r["chapter"] for r in records]
-    assert chapters == [c for c in frontier.ORDER if c in chapters]  # the book's order
+    assert chapters == sorted(chapters, key=frontier.ORDER.index)  # the book's order
     images = {(r["chapter"], r["model"]) for r in frontier.image_rows(records)}
     for chapter, models in frontier.IMAGE_MODELS.items():
         for _, name, _ in models:
@@ -100,3 +100,21 @@ def test_default_reads_committed_records_and_the_current_results_folder(monkeypa
     assert "dmd2/ci-test-cpu.json" in paths and len(paths) == len(committed) + 1
     assert next(r for r in records if r["path"] == "foundations/book-cpu.json")["profile"] == "x"
     assert results.results_dir() == tmp_path
+
+
+def test_records_are_listed_in_chapter_then_seed_order(tmp_path):
+    for name, seed in (
+        ("book-cpu-seed2.json", 2),
+        ("book-cpu.json", 0),
+        ("book-cpu-seed1.json", 1),
+    ):
+        rec = {"chapter": "dmd2", "profile": "book", "device": "cpu", "seed": seed, "metrics": {}}
+        _write(tmp_path, "dmd2", name, rec)
+    _write(tmp_path, "foundations", "book-cpu-seed1.json", rec | {"chapter": "foundations"})
+    paths = [r["path"] for r in frontier.load_records(tmp_path)]
+    assert paths == [
+        "foundations/book-cpu-seed1.json",
+        "dmd2/book-cpu.json",
+        "dmd2/book-cpu-seed1.json",
+        "dmd2/book-cpu-seed2.json",
+    ]

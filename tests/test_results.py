@@ -163,7 +163,8 @@ def test_every_committed_record_is_complete():
         assert {"chapter", "profile", "device", "commit", "metrics", "rows", "wall_s"} <= set(
             rec
         ), p
-        assert p.name == f"{rec['profile']}-{rec['device']}.json"
+        seed = f"-seed{rec['seed']}" if rec.get("seed") else ""
+        assert p.name == f"{rec['profile']}-{rec['device']}{seed}.json", p
 
 
 def test_generated_tables_are_up_to_date():
