@@ -44,7 +44,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
@@ -799,7 +798,8 @@ def markdown(record: dict) -> str:
         + (" | MFU |" if peak else " |"),
         "|---|---|---|---|---|---:|---:|---:|---:|---:" + ("|---:|" if peak else "|"),
     ]
-    for r in record["rows"]:
+    m = record["metrics"]
+    for r in m["rows"]:
         what = r["what"] + (f" [{r['precision']}]" if record["device"] != "cpu" else "")
         batch = f"{r['batch']}" + (
             f" ({r['profile_batch']})" if r.get("profile_batch") != r["batch"] else ""
@@ -817,7 +817,7 @@ def markdown(record: dict) -> str:
         )
     lines.append("")
     lines.append("batch (n): measured at n, the profile's own batch in brackets.")
-    c = record.get("comparison")
+    c = m.get("comparison")
     if c and "error" not in c:
         lines.append(
             f"Book UNet vs torchcfm UNet (flow-matching training step, batch {c['batch']}): "
@@ -828,9 +828,9 @@ def markdown(record: dict) -> str:
         )
     elif c:
         lines.append(f"Book UNet vs torchcfm UNet: not measured ({c['error']})")
-    if record["skipped"]:
+    if m["skipped"]:
         lines.append(
-            f"Skipped by the {record['deadline_s']:.0f} s deadline: {len(record['skipped'])} rows"
+            f"Skipped by the {record['deadline_s']:.0f} s deadline: {len(m['skipped'])} rows"
         )
     load = record["loadavg_1min"]
     lines.append(
@@ -978,28 +978,23 @@ def main(argv: list[str] | None = None) -> int:
         if cuda:
             torch.cuda.empty_cache()
 
-    record = {
-        "benchmark": "chapters",
-        "device": results.device_name(device),
-        "device_model": model,
-        "torch": torch.__version__,
-        "commit": results.git_commit(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "cpu_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "quick": args.quick,
-        "profiles": order,
-        "cpu_gpu_batch": None if cuda else args.cpu_gpu_batch,
-        "seconds_per_row": seconds,
-        "peak_bf16_tflops": peak,
-        "tf32": bool(cuda and torch.backends.cuda.matmul.allow_tf32),
-        "deadline_s": args.deadline,
-        "rows": rows,
-        "comparison": comparison,
-        "skipped": skipped,
-        "wall_s": time.perf_counter() - start,
-        "loadavg_1min": {"before": load_before, "after": _loadavg()},
-    }
+    record = results.benchmark_record(
+        "chapters",
+        order,  # the profiles whose sizes were measured
+        results.device_name(device),
+        {"rows": rows, "comparison": comparison, "skipped": skipped},
+        time.perf_counter() - start,
+        device_model=model,
+        cpu_threads=torch.get_num_threads(),
+        cpu_count=os.cpu_count(),
+        quick=args.quick,
+        cpu_gpu_batch=None if cuda else args.cpu_gpu_batch,
+        seconds_per_row=seconds,
+        peak_bf16_tflops=peak,
+        tf32=bool(cuda and torch.backends.cuda.matmul.allow_tf32),
+        deadline_s=args.deadline,
+        loadavg_1min={"before": load_before, "after": _loadavg()},
+    )
     out = args.out
     if out is None and not args.quick:
         out = results.results_dir() / "benchmarks" / f"chapters-{record['device']}.json"

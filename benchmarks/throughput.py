@@ -163,13 +163,13 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    record = {
-        "device": results.device_name(device),
-        "torch": torch.__version__,
-        "commit": results.git_commit(),
-        "rows": rows,
-        "wall_s": time.perf_counter() - start,
-    }
+    record = results.benchmark_record(  # the networks and batches that size the gpu profile
+        "throughput",
+        "gpu",
+        results.device_name(device),
+        {"rows": rows},
+        time.perf_counter() - start,
+    )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(record, indent=1) + "\n")

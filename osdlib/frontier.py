@@ -185,7 +185,7 @@ def pool_seeds(rows: list[dict], columns) -> list[dict]:
     mean over every seed with ``<column>_std`` and ``seeds`` (a row that is already a mean over
     seeds of its own counts each of them; :func:`osdlib.metrics.pooled`). The rest of the row
     (cost, provenance) is the lowest seed's, and ``seed_records`` lists every record pooled."""
-    from .metrics import pooled
+    from .metrics import pool_columns
 
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -196,11 +196,7 @@ def pool_seeds(rows: list[dict], columns) -> list[dict]:
         rs = sorted(rs, key=lambda r: r.get("seed") or 0)
         row = dict(rs[0])
         if len(rs) > 1:
-            for col in columns:
-                if all(r.get(col) is not None for r in rs):
-                    stats = [(r.get("seeds") or 1, r[col], r.get(f"{col}_std")) for r in rs]
-                    row["seeds"], row[col], row[f"{col}_std"] = pooled(stats)
-            row["seed_records"] = [r["record"] for r in rs]
+            row |= pool_columns(rs, columns) | {"seed_records": [r["record"] for r in rs]}
         out.append(row)
     return out
 

@@ -667,6 +667,19 @@ def pooled(groups: list[tuple[int, float, float | None]]) -> tuple[int, float, f
     return n, mean, (ss / (n - 1)) ** 0.5
 
 
+def pool_columns(rows: list[dict], columns, std: Callable[[str], str] = "{}_std".format) -> dict:
+    """One thing measured in several runs (``rows``, e.g. a model's row in the records of
+    several seeds) pooled: each of ``columns`` that every row has becomes the mean over all
+    seeds, ``std(column)`` its standard deviation and ``seeds`` their number; a row that is
+    already a mean over seeds (``seeds`` and ``std(column)``) counts each of them."""
+    out: dict = {}
+    for col in columns:
+        if all(isinstance(r.get(col), (int, float)) for r in rows):
+            stats = [(r.get("seeds") or 1, r[col], r.get(std(col))) for r in rows]
+            out["seeds"], out[col], out[std(col)] = pooled(stats)
+    return out
+
+
 def over_seeds(rows: list[dict], key: str = "model", seed_key: str = "seed") -> list[dict]:
     """Collapse rows of several seeds into one row per ``key`` value (first-seen order): each
     numeric column becomes its mean, with ``<column>_std`` (sample std; none for a single

@@ -102,6 +102,36 @@ def row(
     }
 
 
+def environment() -> dict:
+    """How any record was made besides its own settings: the osdlib version, git commit,
+    torch and Python versions, platform and time of writing."""
+    return {
+        "osdlib_version": __version__,
+        "commit": git_commit(),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def benchmark_record(
+    name: str, profile: Any, device: str, metrics: dict, wall_s: float, **extra: Any
+) -> dict:
+    """A record of ``results/benchmarks/`` (a measurement that is not a chapter run): which
+    benchmark, at which profile's sizes, on which device, what it measured (``metrics``) and
+    how long it took, with the :func:`environment` every chapter record carries."""
+    return {
+        "benchmark": name,
+        "profile": profile,
+        "device": device,
+        "metrics": metrics,
+        "wall_s": wall_s,
+        **environment(),
+        **extra,
+    }
+
+
 def write_record(
     chapter: str,
     settings: dict,
@@ -130,12 +160,7 @@ def write_record(
         "wall_s": wall_s,
         "params": params or {},
         "settings": dict(settings),
-        "osdlib_version": __version__,
-        "commit": git_commit(),
-        "torch": torch.__version__,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **environment(),
         **(extra or {}),
     }
     if settings.get("fid"):  # which Inception weights the FIDs used (fp16 files say so)
@@ -293,7 +318,7 @@ def pool_rows(records: list[dict]) -> list[dict]:
     (model, metric, NFE, data) the mean over every seed with its standard deviation and the
     number of seeds; a row that is itself a mean over seeds (``seeds``, ``std``) counts each
     of them (:func:`osdlib.metrics.pooled`). Rows in the order of the first record."""
-    from .metrics import pooled
+    from .metrics import pool_columns
 
     keyed: dict[tuple, list[dict]] = {}
     for rec in records:
@@ -303,15 +328,10 @@ def pool_rows(records: list[dict]) -> list[dict]:
             key = (rw["model"], rw["metric"], rw.get("nfe"), rw["dataset"])
             seen[key] = seen.get(key, 0) + 1  # a row repeated within one record stays apart
             keyed.setdefault((*key, seen[key]), []).append(rw)
-    out = []
-    for rws in keyed.values():
-        values = [r.get("value") for r in rws]
-        if len(rws) == 1 or not all(isinstance(v, (int, float)) for v in values):
-            out.append(rws[0])
-            continue
-        n, mean, std = pooled([(r.get("seeds") or 1, r["value"], r.get("std")) for r in rws])
-        out.append({**rws[0], "value": mean, "std": std, "seeds": n})
-    return out
+    pooled = (pool_columns(rws, ["value"], std=lambda _: "std") for rws in keyed.values())
+    return [
+        rws[0] | (p if len(rws) > 1 else {}) for rws, p in zip(keyed.values(), pooled, strict=True)
+    ]
 
 
 def compact_table(ours: list[dict], papers: list[dict]) -> str:
@@ -390,12 +410,15 @@ def seed_summary(chapter: str, settings: dict, root: str | Path | None = None) -
     for the same profile and device (``make seeds``), mean ± std, with the records linked by
     path; or a sentence saying that only one seed is recorded."""
     device = device_name(settings.get("device", "cpu"))
-    run = [
-        r
-        for r in read_records(root)
-        if r["chapter"] == chapter and r["profile"] == settings["profile"] and r["device"] == device
-    ]
-    run.sort(key=lambda r: r.get("seed") or 0)
+    run = next(
+        (
+            g
+            for g in record_groups(read_records(root))
+            if (g[0]["chapter"], g[0]["profile"], g[0]["device"])
+            == (chapter, settings["profile"], device)
+        ),
+        [],
+    )
     if len(run) < 2:
         return (
             f"Only one seed of this chapter is recorded at `{settings['profile']}` on `{device}`; "

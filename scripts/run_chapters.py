@@ -168,6 +168,20 @@ def _relative_paths(target: Path, notebook: Path) -> None:
         target.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
 
 
+def write_summary(out: Path, profile: str, summary: list[dict], wall_s: float) -> None:
+    """OUT/chapters.json: how each chapter of the chain ended, as a benchmark record (profile,
+    device, commit, versions); rewritten after every chapter, so a run cut short keeps it."""
+    import torch
+
+    from osdlib import results
+
+    device = results.device_name("cuda" if torch.cuda.is_available() else "cpu")
+    record = results.benchmark_record(
+        "chapter chain", profile, device, {"chapters": summary}, round(wall_s, 1)
+    )
+    (out / "chapters.json").write_text(json.dumps(record, indent=1))
+
+
 def run_chapter(
     notebook: Path, out: Path, env: dict, budget: float, parameters: dict, log_output: bool
 ) -> dict:
@@ -320,13 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         if result["notebook"]:
             result["figures"] = len(extract_figures(out / result["notebook"], out / "figures"))
         summary.append(result)
-        (out / "chapters.json").write_text(
-            json.dumps({"profile": profile, "chapters": summary}, indent=1)
-        )
+        write_summary(out, profile, summary, time.perf_counter() - start)
     total = time.perf_counter() - start
-    (out / "chapters.json").write_text(
-        json.dumps({"profile": profile, "wall_s": round(total, 1), "chapters": summary}, indent=1)
-    )
+    write_summary(out, profile, summary, total)
     print(f"\n{len(summary)} chapter(s) in {total:.0f} s:")
     for r in summary:
         print(f"  {r['chapter']:<24} {r['status']:<12} {r.get('wall_s', '')}")

@@ -51,13 +51,13 @@ def test_quick_run_writes_a_complete_record(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     record = json.loads(out.read_text())
-    for key in ("device", "device_model", "torch", "commit", "date", "cpu_threads", "rows"):
+    for key in ("device", "device_model", "torch", "commit", "created", "cpu_threads", "profile"):
         assert record[key], key
     assert record["device"] == "cpu" and record["quick"] is True
-    assert record["peak_bf16_tflops"] is None and record["skipped"] == []
+    assert record["peak_bf16_tflops"] is None and record["metrics"]["skipped"] == []
     assert set(record["loadavg_1min"]) == {"before", "after"}
 
-    rows = record["rows"]
+    rows = record["metrics"]["rows"]
     assert not [r for r in rows if "error" in r]
     for r in rows:
         for key in ("params", "batch", "images_per_s", "ms_per_step", "gflop_per_s"):
@@ -80,7 +80,7 @@ def test_quick_run_writes_a_complete_record(tmp_path):
     }
     assert flops["04", "gpu"] > flops["00", "gpu"]
 
-    c = record["comparison"]
+    c = record["metrics"]["comparison"]
     try:
         import torchcfm.models.unet.unet  # noqa: F401
 

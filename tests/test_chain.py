@@ -104,8 +104,8 @@ def test_gpu_chain_dry_run_on_a_class_folder_fixture(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out_dir / "chapters.json").read_text())
     notebooks = sorted(p.name for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-    assert [c["chapter"] + ".ipynb" for c in summary["chapters"]] == notebooks
-    assert all(c["status"] == "ok" for c in summary["chapters"])
+    assert [c["chapter"] + ".ipynb" for c in summary["metrics"]["chapters"]] == notebooks
+    assert all(c["status"] == "ok" for c in summary["metrics"]["chapters"])
     for name in notebooks:  # executed, with the chain's records and figures
         nb = json.loads((out_dir / name).read_text())
         assert nb["metadata"]["papermill"]["exception"] is None
