@@ -111,17 +111,19 @@ def table_cells(rows: Sequence[Mapping], columns: Mapping[str, str]) -> list[lis
     for key, head in columns.items():
         head, _, fmt = head.partition(":")
         specs.append((key, head, fmt))
-
-    def cell(r, key, fmt):
-        v = r.get(key)
-        if v is None:
-            return ""
-        text = format(v, fmt) if fmt and isinstance(v, (int, float)) else str(v)
-        if r.get(f"{key}_std") is not None:
-            text += "±" + format(r[f"{key}_std"], fmt or "g")
-        return text
-
     return [[head for _, head, _ in specs]] + [[cell(r, k, f) for k, _, f in specs] for r in rows]
+
+
+def cell(r: Mapping, key: str, fmt: str = "") -> str:
+    """``r[key]`` formatted with ``fmt``, followed by ``±<r[key + "_std"]>`` where the row has
+    a seed spread; blank when the row has no ``key``."""
+    v = r.get(key)
+    if v is None:
+        return ""
+    text = format(v, fmt) if fmt and isinstance(v, (int, float)) else str(v)
+    if r.get(f"{key}_std") is not None:
+        text += "±" + format(r[f"{key}_std"], fmt or "g")
+    return text
 
 
 def print_table(rows: Sequence[Mapping], columns: Mapping[str, str]) -> None:
