@@ -12,6 +12,7 @@ blocks of ``README.md`` and ``book/results.md``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import re
@@ -214,16 +215,26 @@ def _fmt(v: Any) -> str:
     return "" if v is None else str(v)
 
 
+def mean_std_text(mean: float, std: float) -> str:
+    """``mean ± std`` with the spread to two significant figures and the mean to the same
+    decimal place: ``(2.7312, 0.0234)`` -> ``2.731 ± 0.023``, ``(181.04, 2.3)`` -> ``181.0 ± 2.3``."""
+    if not math.isfinite(std) or std <= 0:
+        return f"{_fmt(float(mean))} ± {0 if std == 0 else std}"
+    decimals = max(0, 1 - math.floor(math.log10(std)))
+    return f"{mean:.{decimals}f} ± {std:.{decimals}f}"
+
+
 def value_text(r: dict) -> str:
-    """A row's value; with its seed spread when the row has one: ``0.972 ± 0.0075 (3 seeds)``.
+    """A row's value; with its seed spread when the row has one: ``0.9720 ± 0.0075 (3 seeds)``.
 
     A row measured over several seeds carries the mean as ``value``, its standard deviation
     as ``std`` and the number of seeds as ``seeds``.
     """
-    text = _fmt(r.get("value"))
-    if r.get("std") is not None:
-        std = r["std"]
-        text += f" ± {std:.2g}" if isinstance(std, float) else f" ± {std}"
+    value, std = r.get("value"), r.get("std")
+    if isinstance(value, (int, float)) and isinstance(std, (int, float)):
+        text = mean_std_text(value, std)
+    else:
+        text = _fmt(value) + ("" if std is None else f" ± {std}")
     if r.get("seeds") and r["seeds"] > 1:  # one seed is every other row's case: said nowhere
         text += f" ({r['seeds']} seeds)"
     return text
@@ -300,7 +311,7 @@ def provenance(rec: dict, link_prefix: str | None = None, others: list[dict] = (
     line = "Run: " + ", ".join(parts) + f"; record {where}"
     if others:
         seeds = ", ".join(f"seed {o.get('seed')} ({_where(o, link_prefix)})" for o in others)
-        line += f". The same run at {seeds}: values are mean ± std over all the seeds"
+        line += f". The same run at {seeds}: values are mean ± std over all the seeds."
     return line
 
 
@@ -335,7 +346,8 @@ def pool_rows(records: list[dict]) -> list[dict]:
 
 
 def compact_table(ours: list[dict], papers: list[dict]) -> str:
-    """``model | NFE | metric | ours | paper``: this run's rows, then the papers' numbers.
+    """``model | NFE | metric | ours | paper``: this run's rows, then the papers' numbers (the
+    ``paper`` column only where there are papers' numbers).
 
     The metric column names the data it was measured on (short form); a paper's number carries
     its citation in short form.
@@ -345,9 +357,12 @@ def compact_table(ours: list[dict], papers: list[dict]) -> str:
         data = short_dataset(r.get("dataset") or "")
         return f"{r['metric']} on {data}" if data else r["metric"]
 
-    lines = ["| model | NFE | metric | ours | paper |", "|---|---|---|---|---|"]
+    paper_col = "  |" if papers else ""  # no paper column in a table without papers' numbers
+    lines = [f"| model | NFE | metric | ours |{' paper |' if papers else ''}"]
+    lines += [f"|---|---|---|---|{'---|' if papers else ''}"]
     lines += [
-        f"| {r['model']} | {_fmt(r.get('nfe'))} | {metric(r)} | {value_text(r)} |  |" for r in ours
+        f"| {r['model']} | {_fmt(r.get('nfe'))} | {metric(r)} | {value_text(r)} |{paper_col}"
+        for r in ours
     ]
     lines += [
         f"| {p['model']} | {_fmt(p.get('nfe'))} | {metric(p)} |  | "

@@ -91,13 +91,18 @@ def test_compact_table_has_one_provenance_line_per_run(tmp_path):
         "data: CIFAR-10; record "
         "[results/consistency/gpu-nvidia-h100.json](results/consistency/gpu-nvidia-h100.json)",
     ]  # the smaller profile first, each with its own table
-    assert sum(ln == "| model | NFE | metric | ours | paper |" for ln in lines) == 2
+    # The papers' numbers go with the run that measured their metric: only its table has a
+    # paper column.
+    assert sum(ln == "| model | NFE | metric | ours | paper |" for ln in lines) == 1
+    assert sum(ln == "| model | NFE | metric | ours |" for ln in lines) == 1
     # The record's path and the full dataset description are said once, not on every row.
     assert block.count("book-cpu.json") == 2 and block.count(digits) == 1
-    assert "| ECT | 1 | proxy-FD (classifier features, not FID) on digits | 56.2 |  |" in lines
-    assert "| CT (2-D) | 1 | SWD on 8gaussians | 0.277 |  |" in lines
-    # Every table row has the five columns.
-    assert all(ln.count("|") == 6 for ln in lines if ln.startswith("|"))
+    assert "| ECT | 1 | proxy-FD (classifier features, not FID) on digits | 56.2 |" in lines
+    assert "| CT (2-D) | 1 | SWD on 8gaussians | 0.277 |" in lines
+    # Every row of a table has its header's columns.
+    book_lines, gpu_lines = (t.splitlines() for t in block.split("gpu-nvidia-h100.json)", 1))
+    assert all(ln.count("|") == 5 for ln in book_lines if ln.startswith("|"))
+    assert all(ln.count("|") == 6 for ln in gpu_lines if ln.startswith("|"))
     # The papers' FIDs on CIFAR-10 sit in the table of the run that measured FID on CIFAR-10.
     gpu_table = block.split("gpu-nvidia-h100.json)", 1)[1]
     assert "| FID (50k) on CIFAR-10 |  | 2.83 (Song & Dhariwal 2024, iCT) |" in gpu_table
@@ -114,14 +119,18 @@ def test_seed_spread_is_shown_where_a_row_has_one(tmp_path):
     ]
     _record(tmp_path, "reno", "book", "cpu", rows, wall_s=None, commit="unknown")
     block = _block(results.markdown_table(tmp_path), "reno")
-    assert "| ReNO | 1 | judge accuracy on digits | 0.998 ± 0.0016 (3 seeds) |  |" in block
+    assert "| ReNO | 1 | judge accuracy on digits | 0.9980 ± 0.0016 (3 seeds) |  |" in block
     assert "| one step | 1 | judge accuracy on digits | 0.972 |  |" in block
     assert "commit `unknown`, wall time not recorded" in block
     # A paper's remark after ";" leaves the table cell and is said once under the table.
     assert "(Eyring et al. 2024, ReNO) |" in block
     assert block.count("GenEval numbers from the authors' follow-up") == 1
-    assert results.value_text({"value": 181.0, "std": 4.5}) == "181 ± 4.5"
+    assert results.value_text({"value": 181.0, "std": 4.5}) == "181.0 ± 4.5"
     assert results.value_text({"value": 0.14, "seeds": 1}) == "0.14"  # one seed: nothing said
+    # The spread to two significant figures, the mean to the same decimal place.
+    assert results.mean_std_text(2.7312, 0.0234) == "2.731 ± 0.023"
+    assert results.mean_std_text(12834.0, 340.0) == "12834 ± 340"
+    assert results.mean_std_text(0.5, 0.0) == "0.5 ± 0"
 
 
 def test_benchmarks_stay_out_of_the_tables(tmp_path):
@@ -192,8 +201,8 @@ def test_runs_at_several_seeds_make_one_table_of_means_and_spreads(tmp_path):
     assert table.count("Run: ") == 1  # one run, three seeds
     assert "seed 1 ([results/rectified_flow/book-cpu-seed1.json]" in table
     assert "seed 2 ([results/rectified_flow/book-cpu-seed2.json]" in table
-    assert "| 2-RF | 1 | proxy-FD on digits | 22 ± 2 (3 seeds) |  |" in table
-    assert "| VSD (2-D) | 1 | SWD on 8gaussians | 0.23 ± 0.084 (5 seeds) |  |" in table
+    assert "| 2-RF | 1 | proxy-FD on digits | 22.0 ± 2.0 (3 seeds) |  |" in table
+    assert "| VSD (2-D) | 1 | SWD on 8gaussians | 0.230 ± 0.084 (5 seeds) |  |" in table
 
 
 def test_seed_summary_pools_this_chapters_seeds(tmp_path):
@@ -205,4 +214,6 @@ def test_seed_summary_pools_this_chapters_seeds(tmp_path):
         results.write_record("foundations", settings, {}, rows, root=tmp_path)
     text = results.seed_summary("foundations", s, root=tmp_path)
     assert "seed 1 (`results/foundations/ci-cpu-seed1.json`)" in text
-    assert "| teacher | 4 | proxy-FD on digits | 2 ± 1.4 (2 seeds) |  |" in text
+    assert "| teacher | 4 | proxy-FD on digits | 2.0 ± 1.4 (2 seeds) |\n" in text
+    assert "| model | NFE | metric | ours |\n" in text  # no papers here: no empty paper column
+    assert "over all the seeds.\n" in text
