@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .results import read_records, repo_root, results_dir
+from .results import CHAPTERS, read_records, repo_root, results_dir
 
 # chapter -> [(model name in the record, name in the frontier, method family)]
 IMAGE_MODELS: dict[str, list[tuple[str, str, str]]] = {
@@ -65,6 +65,7 @@ TOY_MODELS: dict[str, list[tuple[str, str]]] = {
         ("VSD, online fake score", "VSD"),
         ("DMD (normalised)", "DMD (gradient only)"),
         ("f-distill, reverse KL", "f-distill, reverse KL"),
+        ("f-distill, forward KL", "f-distill, forward KL"),
         ("f-distill, Jensen-Shannon", "f-distill, Jensen-Shannon"),
     ],
     "dmd2": [
@@ -74,17 +75,6 @@ TOY_MODELS: dict[str, list[tuple[str, str]]] = {
 }
 
 QUALITY = ("accuracy", "proxy_fd", "within_class_std", "fid")
-
-# the chapters in the book's order (records are shown in this order)
-ORDER = (
-    "foundations",
-    "rectified_flow",
-    "consistency",
-    "score_distillation",
-    "dmd2",
-    "reno",
-    "distilled_decoding",
-)
 
 
 def _is(key: str, names) -> bool:
@@ -109,7 +99,7 @@ def load_records(root: str | Path | None = None) -> list[dict]:
     for folder in roots:  # results.read_records leaves out benchmarks/ and frontier/
         for record in read_records(folder):
             found[record.pop("_path")] = record
-    rank = {c: i for i, c in enumerate(ORDER)}
+    rank = {c: i for i, c in enumerate(CHAPTERS)}
 
     def key(path: str) -> tuple:  # chapter order, then profile/device, then seed
         run = path.split("-seed")[0] if found[path].get("seed") else path.removesuffix(".json")
@@ -123,6 +113,7 @@ def provenance(record: dict) -> dict:
     """Where a number comes from: the record's file, commit, profile, device and seed."""
     return {
         "chapter": record["chapter"],
+        "ch": f"{CHAPTERS.index(record['chapter']):02d}" if record["chapter"] in CHAPTERS else "",
         "record": record["path"],
         "seed": record.get("seed") or 0,
         "commit": str(record.get("commit", "unknown"))[:7],

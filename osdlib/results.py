@@ -103,15 +103,44 @@ def row(
     }
 
 
+# the chapters' record names in the book's order (00 ... 07); tables list chapters this way
+CHAPTERS = (
+    "foundations",
+    "rectified_flow",
+    "consistency",
+    "score_distillation",
+    "dmd2",
+    "reno",
+    "distilled_decoding",
+    "frontier",
+)
+
+
+def cpu_info() -> dict:
+    """The CPU a run had: its model name (where the system says it), the logical cores the
+    process may use and torch's intra-op threads: timings on a CPU depend on all three."""
+    name = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name
+            )
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"model": name or "unknown", "cores": cores, "torch_threads": torch.get_num_threads()}
+
+
 def environment() -> dict:
     """How any record was made besides its own settings: the osdlib version, git commit,
-    torch and Python versions, platform and time of writing."""
+    torch and Python versions, platform, CPU and time of writing."""
     return {
         "osdlib_version": __version__,
         "commit": git_commit(),
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        "cpu": cpu_info(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -393,7 +422,8 @@ def markdown_table(root: str | Path | None = None, link_prefix: str | None = Non
     """
     records = read_records(root)
     papers = read_papers()
-    chapters = sorted({r["chapter"] for r in records} | {p["chapter"] for p in papers})
+    found = {r["chapter"] for r in records} | {p["chapter"] for p in papers}
+    chapters = sorted(found, key=lambda c: (CHAPTERS.index(c) if c in CHAPTERS else 99, c))
     groups = record_groups(records)
     parts = []
     for ch in chapters:

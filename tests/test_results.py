@@ -217,3 +217,16 @@ def test_seed_summary_pools_this_chapters_seeds(tmp_path):
     assert "| teacher | 4 | proxy-FD on digits | 2.0 ± 1.4 (2 seeds) |\n" in text
     assert "| model | NFE | metric | ours |\n" in text  # no papers here: no empty paper column
     assert "over all the seeds.\n" in text
+
+
+def test_tables_list_chapters_in_the_books_order(tmp_path):
+    for chapter in ("dmd2", "foundations", "consistency"):
+        _record(tmp_path, chapter, "book", "cpu", [results.row("m", "SWD", 0.2, nfe=1)])
+    table = results.markdown_table(tmp_path)
+    heads = [ln.strip("*") for ln in table.splitlines() if ln.startswith("**")]
+    assert heads.index("foundations") < heads.index("consistency") < heads.index("dmd2")
+
+
+def test_records_say_which_cpu_ran_them():
+    cpu = results.environment()["cpu"]
+    assert cpu["cores"] >= 1 and cpu["torch_threads"] >= 1 and cpu["model"]
