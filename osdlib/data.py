@@ -252,12 +252,19 @@ def cifar10(
     root = Path(root) if root is not None else data_dir() / "cifar10"
     try:
         ds = CIFAR10(str(root), train=train, download=download)
-    except RuntimeError as err:
+    except (RuntimeError, FileNotFoundError) as err:  # not there, and no download asked for
         raise _missing(
             "CIFAR-10",
             root,
             "Pass download=True (the profile setting `download`), set OSD_DATA_DIR, or point "
             "`image_folder(...)` at a class-folder copy.",
+        ) from err
+    except OSError as err:  # the download failed (no network: URLError is an OSError)
+        raise _missing(
+            "CIFAR-10",
+            root,
+            f"The download failed ({err}). Without internet, unpack a class-folder copy to "
+            "$OSD_DATA_DIR/cifar10/train (and test) or point `image_folder(...)` at one.",
         ) from err
     x = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()
     return ImageData(

@@ -274,3 +274,79 @@ def record_summary(records: list[dict]) -> list[dict]:
         provenance(r) | {"wall_s": r.get("wall_s"), "created": r.get("created", "")}
         for r in records
     ]
+
+
+FAMILY_COLOR = {
+    "rectified flow": "C0",
+    "consistency": "C1",
+    "score distillation": "C2",
+    "autoregressive": "C3",
+}
+MARKERS = "os^DvP*Xh<>"
+CURVES = ("flow teacher, Euler", "2-RF (reflow)")  # flows sampled at many NFE: drawn as lines
+
+
+def plot(rows: list[dict], key: str, label: str):
+    """Quality ``key`` of every image generator against NFE (left) and against ms per image
+    (right), log-log: the teacher and 2-RF as lines over their NFE, every other model as
+    points, coloured by family. A row without ``key`` (e.g. a row whose FID was not
+    computed) or without the x value is left out of that panel."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.0))
+    models = list(dict.fromkeys(r["model"] for r in rows if r["model"] not in CURVES))
+    count: dict[str, int] = {}
+    style = {}
+    for m in models:
+        fam = next(r["family"] for r in rows if r["model"] == m)
+        style[m] = (FAMILY_COLOR.get(fam, "k"), MARKERS[count.get(fam, 0) % len(MARKERS)])
+        count[fam] = count.get(fam, 0) + 1
+
+    def points(model: str, xkey: str) -> list[dict]:
+        pts = [
+            r
+            for r in rows
+            if r["model"] == model and r.get(xkey) is not None and r.get(key) is not None
+        ]
+        return sorted(pts, key=lambda r: r[xkey])
+
+    for ax, xkey, xlabel in zip(
+        axes, ("nfe", "ms_per_image"), ("NFE (network calls per image)", "ms per image")
+    ):
+        for name, c in zip(CURVES, ("0.45", "C0")):
+            curve = points(name, xkey)
+            ax.plot(
+                [r[xkey] for r in curve],
+                [r[key] for r in curve],
+                "-",
+                c=c,
+                lw=1.2,
+                marker=".",
+                label=name + " (line)",
+            )
+        for m in models:
+            pts = points(m, xkey)
+            c, mk = style[m]
+            ax.scatter(
+                [r[xkey] for r in pts],
+                [r[key] for r in pts],
+                c=c,
+                marker=mk,
+                s=42,
+                zorder=3,
+                label=m,
+                edgecolors="k",
+                linewidths=0.4,
+            )
+        ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=label)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(
+        handles,
+        labels,
+        loc="lower center",
+        ncol=4,
+        fontsize=7,
+        frameon=False,
+        bbox_to_anchor=(0.5, -0.22),
+    )
+    return fig

@@ -557,6 +557,19 @@ def get_classifier(
     return clf, {**info, "trained_now": True}
 
 
+# The chapter chain (scripts/run_chapters.py) stops a chapter at its time budget and sets
+# $OSD_DEADLINE to that moment (a Unix time). An evaluation this close to it leaves FID out
+# (the row says so) rather than have the chapter stopped before it writes its record.
+FID_RESERVE_S = 25.0
+
+
+def time_left() -> float | None:
+    """Seconds until ``$OSD_DEADLINE`` (set by the chapter chain for each chapter), or None
+    when no deadline is set (a chapter run by hand has none)."""
+    value = os.environ.get("OSD_DEADLINE")
+    return float(value) - time.time() if value else None
+
+
 class ImageEval:
     """What every image chapter measures on a set of samples, in one place.
 
@@ -629,7 +642,11 @@ class ImageEval:
             "proxy_fd": proxy_fd(self.classifier, x, self.real, self.device),
             "within_class_std": within_class_std(x, self.labels),
         }
-        if self.fid:  # standard FID against the training set, on the same samples
+        left = time_left()
+        if self.fid and left is not None and left < FID_RESERVE_S:
+            row["fid_skipped"] = f"{max(left, 0):.0f} s before the chapter's deadline"
+            print(f"FID of {extra.get('model', 'this row')} skipped: {row['fid_skipped']}")
+        elif self.fid:  # standard FID against the training set, on the same samples
             row["fid"] = fid(
                 x,
                 self.images,

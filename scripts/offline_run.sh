@@ -6,7 +6,9 @@
 # KIT   a folder made by scripts/offline_kit.sh (wheels/ and inception-*.pth)
 # DATA  a folder holding train.zip (and optionally test.zip), zips of a class-folder copy of
 #       CIFAR-10 that unpack to train/<class>/<image> and test/<class>/<image>; or a folder
-#       that already holds train/<class>/<image>
+#       that already holds train/<class>/<image>; or, with the OSD_WORK_DIR of an earlier call
+#       (which keeps the caches: teacher, classifier, FID statistics), any folder without
+#       zips, to run more chapters on the data unpacked then
 # OUT   where the executed notebooks, results records, figures and a summary go
 #
 # The wheels that are not installed already go into a temporary folder on PYTHONPATH; the
@@ -44,8 +46,15 @@ if [ -f "$DATA/train.zip" ]; then
     rm -rf "$WORK/data/cifar10/$split" && mv "$WORK/unzip/$split" "$WORK/data/cifar10/$split"
   done
 elif [ -d "$DATA/train" ]; then
-  ln -sfn "$(cd "$DATA/train" && pwd)" "$WORK/data/cifar10/train"
-  [ -d "$DATA/test" ] && ln -sfn "$(cd "$DATA/test" && pwd)" "$WORK/data/cifar10/test"
+  for split in train test; do
+    [ -d "$DATA/$split" ] || continue
+    src=$(cd "$DATA/$split" && pwd -P)
+    [ "$src" = "$(cd "$WORK/data/cifar10" && pwd -P)/$split" ] && continue  # already there
+    ln -sfn "$src" "$WORK/data/cifar10/$split"
+  done
+elif [ -d "$WORK/data/cifar10/train" ]; then
+  # a second call with the same OSD_WORK_DIR: the data of the first call are still unpacked
+  echo "+ using the data unpacked before in $WORK/data/cifar10 ($DATA holds no zips)"
 else
   echo "no $DATA/train.zip and no $DATA/train/: give the folder that holds the CIFAR-10 zips" >&2
   exit 2

@@ -52,6 +52,13 @@ def test_bad_input_says_what_to_do(tmp_path):
     assert not list(tmp_path.glob("*.ipynb"))  # nothing was half-written
 
 
+def test_a_chapter_that_cannot_finish_before_the_deadline_is_not_started(tmp_path):
+    out = _run("--profile", "ci", "--chapters", "00", "--deadline", "5", "--out", str(tmp_path))
+    (chapter,) = json.loads((tmp_path / "chapters.json").read_text())["metrics"]["chapters"]
+    assert out.returncode == 1 and chapter["status"] == "skipped"
+    assert "budget 240 s" in chapter["message"] and not list(tmp_path.glob("*.ipynb"))
+
+
 def test_preflight_asks_for_fid_weights_only_when_fid_runs(tmp_path, monkeypatch):
     import importlib.util
 

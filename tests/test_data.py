@@ -121,6 +121,20 @@ def test_cifar10_missing_without_download(tmp_path):
         data.cifar10(tmp_path, download=False)
 
 
+def test_cifar10_failed_download_says_what_to_do(tmp_path, monkeypatch):
+    """Offline, torchvision's download raises URLError (an OSError): one clear message."""
+    import urllib.error
+
+    import torchvision.datasets
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", no_network)
+    with pytest.raises(FileNotFoundError, match="download failed.*class-folder copy"):
+        data.cifar10(tmp_path, download=True)
+
+
 def test_cifar10_torchvision_format(tmp_path, monkeypatch):
     """Write the CIFAR-10 python pickle format and read it through torchvision's loader."""
     from torchvision.datasets import CIFAR10

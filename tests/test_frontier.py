@@ -118,3 +118,27 @@ def test_records_are_listed_in_chapter_then_seed_order(tmp_path):
         "dmd2/book-cpu-seed1.json",
         "dmd2/book-cpu-seed2.json",
     ]
+
+
+def test_plot_leaves_out_rows_without_the_metric():
+    """At `gpu` a chapter computes FID only for some rows (chapter 01: the pictured ones);
+    the FID frontier must plot the others' points and skip the missing, not fail."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    rows = [
+        {"model": "2-RF (reflow)", "family": "rectified flow", "nfe": 1, "fid": 30.0},
+        {"model": "2-RF (reflow)", "family": "rectified flow", "nfe": 2},  # no FID computed
+        {"model": "flow teacher, Euler", "family": "teacher", "nfe": 4, "fid": 20.0},
+        {"model": "ECT", "family": "consistency", "nfe": 1, "ms_per_image": 0.02, "fid": 40.0},
+        {"model": "ECT", "family": "consistency", "nfe": 2, "ms_per_image": 0.04},
+    ]
+    for r in rows[:3]:
+        r["ms_per_image"] = 0.02 * r["nfe"]
+    fig = frontier.plot(rows, "fid", "FID")
+    left, right = fig.axes[:2]
+    for ax in (left, right):
+        lines = {ln.get_label(): ln for ln in ax.get_lines()}
+        assert list(lines["2-RF (reflow) (line)"].get_ydata()) == [30.0]
+        (ect,) = [c for c in ax.collections if c.get_label() == "ECT"]
+        assert len(ect.get_offsets()) == 1

@@ -189,6 +189,29 @@ def test_image_eval_rows_and_grid():
     assert len(grid) == 20 and (ev.labels[ev.show] == torch.arange(10).repeat_interleave(2)).all()
 
 
+def test_image_eval_leaves_fid_out_close_to_the_chapters_deadline(monkeypatch):
+    """The chapter chain sets $OSD_DEADLINE; an evaluation within FID_RESERVE_S of it skips
+    FID (and says so in the row) so that the chapter still writes its record."""
+    import time
+
+    from osdlib import data, nets
+
+    images = data.digits()
+    clf = nets.SmallClassifier(1, 10, width=8).eval()
+    ev = metrics.ImageEval(images, clf, n=20, seed=1, fid=True)
+    x = images.float_images()[:20]
+    calls = []
+    monkeypatch.setattr(metrics, "fid", lambda *a, **k: calls.append(1) or 12.5)
+    monkeypatch.delenv("OSD_DEADLINE", raising=False)
+    assert metrics.time_left() is None and ev(x, model="m")["fid"] == 12.5  # no deadline
+    monkeypatch.setenv("OSD_DEADLINE", str(time.time() + 10 * metrics.FID_RESERVE_S))
+    assert ev(x, model="m")["fid"] == 12.5 and len(calls) == 2  # far from it
+    monkeypatch.setenv("OSD_DEADLINE", str(time.time() + metrics.FID_RESERVE_S / 2))
+    row = ev(x, model="m")
+    assert "fid" not in row and "deadline" in row["fid_skipped"] and len(calls) == 2
+    assert row["proxy_fd"] > 0  # the rest of the row is still measured
+
+
 def test_classifier_is_the_same_ruler_for_every_seed(tmp_path):
     from osdlib import data, profiles
 
