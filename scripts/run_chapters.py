@@ -169,6 +169,19 @@ def _relative_paths(target: Path, notebook: Path) -> None:
         target.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
 
 
+def merged_summary(out: Path, summary: list[dict]) -> list[dict]:
+    """This call's chapters together with those of an earlier call into the same OUT (the
+    chain split over several calls, as offline_run.sh allows), in chapter order: a chapter
+    this call ran replaces its earlier entry; one it skipped keeps the earlier entry."""
+    path = out / "chapters.json"
+    earlier = json.loads(path.read_text())["metrics"]["chapters"] if path.exists() else []
+    by_chapter = {c["chapter"]: c for c in earlier}
+    for c in summary:
+        if c["status"] != "skipped" or c["chapter"] not in by_chapter:
+            by_chapter[c["chapter"]] = c
+    return [by_chapter[k] for k in sorted(by_chapter)]
+
+
 def write_summary(out: Path, profile: str, summary: list[dict], wall_s: float) -> None:
     """OUT/chapters.json: how each chapter of the chain ended, as a benchmark record (profile,
     device, commit, versions); rewritten after every chapter, so a run cut short keeps it."""
@@ -336,9 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         if result["notebook"]:
             result["figures"] = len(extract_figures(out / result["notebook"], out / "figures"))
         summary.append(result)
-        write_summary(out, profile, summary, time.perf_counter() - start)
+        write_summary(out, profile, merged_summary(out, summary), time.perf_counter() - start)
     total = time.perf_counter() - start
-    write_summary(out, profile, summary, total)
+    write_summary(out, profile, merged_summary(out, summary), total)
     print(f"\n{len(summary)} chapter(s) in {total:.0f} s:")
     for r in summary:
         print(f"  {r['chapter']:<24} {r['status']:<12} {r.get('wall_s', '')}")

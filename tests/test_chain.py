@@ -57,6 +57,20 @@ def test_a_chapter_that_cannot_finish_before_the_deadline_is_not_started(tmp_pat
     (chapter,) = json.loads((tmp_path / "chapters.json").read_text())["metrics"]["chapters"]
     assert out.returncode == 1 and chapter["status"] == "skipped"
     assert "budget 240 s" in chapter["message"] and not list(tmp_path.glob("*.ipynb"))
+    # The chain split over two calls into one OUT: an earlier call's chapters stay in the
+    # summary, and a chapter this call skipped keeps its earlier result.
+    summary = json.loads((tmp_path / "chapters.json").read_text())
+    summary["metrics"]["chapters"] = [
+        {"chapter": "00_foundations", "status": "ok", "wall_s": 200.0},
+        {"chapter": "01_rectified_flow", "status": "ok", "wall_s": 80.0},
+    ]
+    (tmp_path / "chapters.json").write_text(json.dumps(summary))
+    out = _run("--profile", "ci", "--chapters", "00", "--deadline", "5", "--out", str(tmp_path))
+    chapters = json.loads((tmp_path / "chapters.json").read_text())["metrics"]["chapters"]
+    assert [(c["chapter"], c["status"]) for c in chapters] == [
+        ("00_foundations", "ok"),
+        ("01_rectified_flow", "ok"),
+    ]
 
 
 def test_preflight_asks_for_fid_weights_only_when_fid_runs(tmp_path, monkeypatch):
