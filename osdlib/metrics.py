@@ -570,6 +570,12 @@ def time_left() -> float | None:
     return float(value) - time.time() if value else None
 
 
+def fid_in_time() -> bool:
+    """Whether there is time for an FID before the chapter's deadline (always, without one)."""
+    left = time_left()
+    return left is None or left >= FID_RESERVE_S
+
+
 class ImageEval:
     """What every image chapter measures on a set of samples, in one place.
 
@@ -642,9 +648,8 @@ class ImageEval:
             "proxy_fd": proxy_fd(self.classifier, x, self.real, self.device),
             "within_class_std": within_class_std(x, self.labels),
         }
-        left = time_left()
-        if self.fid and left is not None and left < FID_RESERVE_S:
-            row["fid_skipped"] = f"{max(left, 0):.0f} s before the chapter's deadline"
+        if self.fid and not fid_in_time():
+            row["fid_skipped"] = f"{max(time_left(), 0):.0f} s before the chapter's deadline"
             print(f"FID of {extra.get('model', 'this row')} skipped: {row['fid_skipped']}")
         elif self.fid:  # standard FID against the training set, on the same samples
             row["fid"] = fid(

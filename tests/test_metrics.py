@@ -209,6 +209,7 @@ def test_image_eval_leaves_fid_out_close_to_the_chapters_deadline(monkeypatch):
     monkeypatch.setenv("OSD_DEADLINE", str(time.time() + metrics.FID_RESERVE_S / 2))
     row = ev(x, model="m")
     assert "fid" not in row and "deadline" in row["fid_skipped"] and len(calls) == 2
+    assert not metrics.fid_in_time()  # what chapters 00 and 06 ask before their own FIDs
     assert row["proxy_fd"] > 0  # the rest of the row is still measured
 
 
