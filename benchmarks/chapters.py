@@ -39,7 +39,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -767,16 +766,10 @@ def compare(
 
 
 def device_model(device: torch.device) -> str:
-    """The processor's name: the GPU's, or the CPU's from /proc/cpuinfo where there is one."""
+    """The processor's name: the GPU's, or the CPU's (as every record's ``cpu`` says it)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return results.cpu_info()["model"]
 
 
 def _loadavg() -> float | None:
@@ -986,7 +979,6 @@ def main(argv: list[str] | None = None) -> int:
         time.perf_counter() - start,
         device_model=model,
         cpu_threads=torch.get_num_threads(),
-        cpu_count=os.cpu_count(),
         quick=args.quick,
         cpu_gpu_batch=None if cuda else args.cpu_gpu_batch,
         seconds_per_row=seconds,

@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .results import CHAPTERS, read_records, repo_root, results_dir
+from .results import CHAPTERS, chapter_rank, read_records, repo_root, results_dir
 
 # chapter -> [(model name in the record, name in the frontier, method family)]
 IMAGE_MODELS: dict[str, list[tuple[str, str, str]]] = {
@@ -99,11 +99,10 @@ def load_records(root: str | Path | None = None) -> list[dict]:
     for folder in roots:  # results.read_records leaves out benchmarks/ and frontier/
         for record in read_records(folder):
             found[record.pop("_path")] = record
-    rank = {c: i for i, c in enumerate(CHAPTERS)}
 
     def key(path: str) -> tuple:  # chapter order, then profile/device, then seed
         run = path.split("-seed")[0] if found[path].get("seed") else path.removesuffix(".json")
-        return (rank.get(path.split("/")[0], 99), run, found[path].get("seed") or 0)
+        return (chapter_rank(path.split("/")[0]), run, found[path].get("seed") or 0)
 
     order = sorted(found, key=key)
     return [{**found[k], "path": k} for k in order]
@@ -113,7 +112,7 @@ def provenance(record: dict) -> dict:
     """Where a number comes from: the record's file, commit, profile, device and seed."""
     return {
         "chapter": record["chapter"],
-        "ch": f"{CHAPTERS.index(record['chapter']):02d}" if record["chapter"] in CHAPTERS else "",
+        "ch": f"{chapter_rank(record['chapter']):02d}" if record["chapter"] in CHAPTERS else "",
         "record": record["path"],
         "seed": record.get("seed") or 0,
         "commit": str(record.get("commit", "unknown"))[:7],

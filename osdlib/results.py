@@ -116,6 +116,11 @@ CHAPTERS = (
 )
 
 
+def chapter_rank(chapter: str) -> int:
+    """A chapter's place in the book (its number: 0 for foundations); unknown names last."""
+    return CHAPTERS.index(chapter) if chapter in CHAPTERS else len(CHAPTERS)
+
+
 def cpu_info() -> dict:
     """The CPU a run had: its model name (where the system says it), the logical cores the
     process may use and torch's intra-op threads: timings on a CPU depend on all three."""
@@ -423,7 +428,7 @@ def markdown_table(root: str | Path | None = None, link_prefix: str | None = Non
     records = read_records(root)
     papers = read_papers()
     found = {r["chapter"] for r in records} | {p["chapter"] for p in papers}
-    chapters = sorted(found, key=lambda c: (CHAPTERS.index(c) if c in CHAPTERS else 99, c))
+    chapters = sorted(found, key=lambda c: (chapter_rank(c), c))
     groups = record_groups(records)
     parts = []
     for ch in chapters:
