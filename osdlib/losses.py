@@ -36,16 +36,31 @@ def pseudo_huber(a: Tensor, b: Tensor, c: float | None = None) -> Tensor:
 
 
 class LPIPS(torch.nn.Module):
-    """LPIPS-VGG16 distance via torch-fidelity (inputs in [-1, 1], resized to 224 if smaller)."""
+    """LPIPS-VGG16 distance via torch-fidelity (inputs in [-1, 1], resized to 224 if smaller).
+
+    Its two weight files (torch-fidelity's LPIPS heads and torchvision's VGG16) are downloaded
+    into the torch hub cache on first use. The module moves itself to its inputs' device, so a
+    training loop can take it from :func:`distance` without placing it.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         from torch_fidelity.sample_similarity_lpips import SampleSimilarityLPIPS
 
-        self.net = SampleSimilarityLPIPS("lpips-vgg16", sample_similarity_resize=224)
+        try:
+            self.net = SampleSimilarityLPIPS("lpips-vgg16", sample_similarity_resize=224)
+        except OSError as err:  # a failed download (URLError) is an OSError
+            raise RuntimeError(
+                f"LPIPS needs its weights, downloaded on first use, and the download failed "
+                f"({err}). Run once where the internet is reachable (the files go to "
+                f"{torch.hub.get_dir()}/checkpoints, which can be copied), or choose another "
+                f"distance: {', '.join(d for d in DISTANCES if d != 'lpips')}."
+            ) from err
         self.requires_grad_(False)
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        if next(self.net.parameters()).device != a.device:
+            self.to(a.device)
         if a.shape[1] == 1:
             a, b = a.expand(-1, 3, -1, -1), b.expand(-1, 3, -1, -1)
         # torch-fidelity's LPIPS takes images in [0, 255]
