@@ -103,8 +103,9 @@ def shrink(settings: dict) -> dict:
         if key == "generator_scale":  # the source chapters' step counts (osdlib.generators)
             small[key] = min(value, 0.02)
             continue
-        if key == "generator_overrides":  # the source chapters' batches and sampler steps
-            small[key] = {"batch": 8, "pair_steps": 2, "pairs": 64}
+        if key == "generator_overrides":  # the source chapters' sizes, whatever the profile
+            steps = ("reflow_steps", "distill_steps", "ect_steps", "steps")
+            small[key] = {"batch": 8, "pair_steps": 2, "pairs": 64, **dict.fromkeys(steps, 3)}
             continue
         if key == "t2i":  # SD-Turbo is a GPU model: a dry run takes the tiny random stack
             small[key] = "tiny"

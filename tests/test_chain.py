@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +28,15 @@ def _fixture(root: Path, per_class: int) -> Path:
             img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
             Image.fromarray(img).save(root / c / f"{i:04d}.jpg", quality=90)
     return root
+
+
+def _script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_chapters", SCRIPT)
+    run_chapters = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_chapters)
+    return run_chapters
 
 
 def _run(*args, env=None, timeout=900):
@@ -74,14 +84,10 @@ def test_a_chapter_that_cannot_finish_before_the_deadline_is_not_started(tmp_pat
 
 
 def test_preflight_asks_for_fid_weights_only_when_fid_runs(tmp_path, monkeypatch):
-    import importlib.util
-
     from osdlib import data as data_mod
     from osdlib import metrics
 
-    spec = importlib.util.spec_from_file_location("run_chapters", SCRIPT)
-    run_chapters = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run_chapters)
+    run_chapters = _script()
     data = _fixture(tmp_path / "train", per_class=1)
     monkeypatch.setenv("OSD_CACHE_DIR", str(tmp_path / "cache"))  # no converted weights here
     monkeypatch.delenv("OSD_INCEPTION_WEIGHTS", raising=False)
@@ -95,6 +101,27 @@ def test_preflight_asks_for_fid_weights_only_when_fid_runs(tmp_path, monkeypatch
     monkeypatch.setenv("OSD_INCEPTION_WEIGHTS", str(tmp_path / "missing.pth"))
     (problem,) = run_chapters.preflight("gpu", str(data), fid=True)
     assert "missing.pth" in problem
+
+
+@pytest.mark.parametrize("profile", ["gpu", "paper"])
+def test_a_dry_run_is_small_at_every_profile(profile):
+    # the dry run must stay minutes on a CPU whatever the profile's sizes: the paper profile's
+    # step counts are 100x the gpu profile's, including those of the generators that chapter
+    # 05 trains when they are not in the cache
+    from osdlib import generators, profiles
+
+    run_chapters = _script()
+    for nb in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        small = run_chapters.shrink(profiles.resolve(nb.stem[3:], profile))
+        settings = profiles.resolve(nb.stem[3:], profile, overrides=small)
+        sizes = {k: v for k, v in settings.items() if k.endswith("steps") and isinstance(v, int)}
+        assert max(sizes.values(), default=0) <= 3, (nb.stem, sizes)
+        for kind in settings.get("generators", []):
+            r = generators.recipe(
+                kind, profile, settings.generator_scale, settings.generator_overrides
+            )
+            assert max(v for k, v in r.items() if k.endswith("steps")) <= 3, (kind, r)
+            assert r.get("pairs", 0) <= 64
 
 
 def test_gpu_chain_dry_run_on_a_class_folder_fixture(tmp_path):
