@@ -11,9 +11,11 @@ a NaN guard (it stops with the step number; the last good checkpoint is kept) an
 atomic checkpoints with exact resume: the random generators are part of the checkpoint, so
 on the CPU a resumed run ends with the same weights as an uninterrupted one.
 
-Under ``torchrun`` (``WORLD_SIZE > 1``) the same call wraps the model in
-DistributedDataParallel, seeds each rank's generators differently and lets rank 0 alone
-write checkpoints and show progress.
+Under ``torchrun`` (``WORLD_SIZE > 1``) the same call starts every rank from rank 0's
+weights, averages the gradients over the ranks after each backward pass (what
+DistributedDataParallel does, but for any ``loss_fn``: DDP only synchronises what runs through
+its own forward, and the distillation losses call their model's parts, ``m.generator``), seeds
+each rank's generators differently and lets rank 0 alone write checkpoints and show progress.
 """
 
 from __future__ import annotations
@@ -157,6 +159,20 @@ def _out_of_time(t0: float, max_seconds: float, world: int) -> bool:
     return late
 
 
+def _average_gradients(params: list[nn.Parameter], world: int) -> None:
+    """Replace every gradient by its mean over the ranks, in one all-reduce. A parameter
+    without a gradient on this rank counts as zero; one that no rank touched keeps none (so
+    the optimiser leaves it alone, as on one device)."""
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    touched = torch.tensor([float(p.grad is not None) for p in params], device=flat.device)
+    torch.distributed.all_reduce(flat)
+    torch.distributed.all_reduce(touched)
+    flat /= world
+    for p, part, n in zip(params, flat.split([p.numel() for p in params]), touched.tolist()):
+        p.grad = part.view_as(p) if n > 0 else None
+
+
 def train(
     model: nn.Module,
     loss_fn: Callable[..., Tensor | tuple[Tensor, dict[str, float]]],
@@ -224,11 +240,10 @@ def train(
         history = {k: list(v) for k, v in state["history"].items()}
         start = int(state["step"])
 
-    wrapped = model
-    if world > 1:  # DDP broadcasts rank 0's weights, so every rank starts from the same model
-        wrapped = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+    if world > 1:  # every rank starts from rank 0's model
+        for t in [*model.parameters(), *model.buffers()]:
+            torch.distributed.broadcast(t.data, src=0)
+    params = [p for p in model.parameters() if p.requires_grad]
     ema = EMA(model, ema_decay)
     if state is not None:
         ema.module.load_state_dict(state["ema"])
@@ -284,9 +299,9 @@ def train(
         batch = to_device(batch_fn(data_gen), device)
         with autocast:
             out = (
-                loss_fn(wrapped, batch, noise_gen, step)
+                loss_fn(model, batch, noise_gen, step)
                 if wants_step
-                else loss_fn(wrapped, batch, noise_gen)
+                else loss_fn(model, batch, noise_gen)
             )
         loss, extra = out if isinstance(out, tuple) else (out, {})
         value = loss.item()
@@ -295,6 +310,8 @@ def train(
             raise FloatingPointError(f"loss became {value} at step {step}{where}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1:
+            _average_gradients(params, world)
         if grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()

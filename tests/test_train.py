@@ -117,12 +117,29 @@ def _ddp_worker(rank, world, port, out_dir):
         progress=False,
         ckpt_path=f"{out_dir}/ddp.pt",
     )
-    torch.save([p.detach() for p in res.model.parameters()], f"{out_dir}/rank{rank}.pt")
+    # a loss that calls its model's parts, as the distillation losses do (m.generator): the
+    # gradients are still averaged, and a part no rank uses keeps no gradient
+    parts = torch.nn.ModuleDict({"used": torch.nn.Linear(2, 2), "unused": torch.nn.Linear(2, 2)})
+    unused = [p.detach().clone() for p in parts["unused"].parameters()]
+    run = train.train(
+        parts,
+        lambda m, b, g: (m["used"](b) - b.flip(1)).pow(2).mean(),
+        lambda g: torch.randn(16, 2, generator=g),
+        steps=4,
+        seed=0,
+        progress=False,
+    )
+    assert all(p.grad is None for p in run.model["unused"].parameters())
+    if rank == 0:  # rank 0's weights are everyone's starting point; unused ones stay put
+        assert all(torch.equal(a, b) for a, b in zip(unused, run.model["unused"].parameters()))
+    weights = [p.detach() for p in res.model.parameters()]
+    torch.save(weights + [p.detach() for p in run.model.parameters()], f"{out_dir}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
 def test_the_same_call_trains_under_ddp(tmp_path):
-    """Two gloo processes on the CPU: ranks see different data but end with equal weights."""
+    """Two gloo processes on the CPU: ranks see different data but end with equal weights
+    (rank 0's initial ones, then the same averaged gradients)."""
     import socket
 
     import torch.multiprocessing as mp
