@@ -34,6 +34,13 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def missing_packages() -> list[str]:
+    """The packages this path needs that are not installed (``pip install "osdlib[t2i]"``)."""
+    import importlib.util
+
+    return [m for m in ("diffusers", "transformers") if importlib.util.find_spec(m) is None]
+
+
 def _quiet_imports() -> None:
     from .nets import quiet_import
 
@@ -149,17 +156,13 @@ class WeightsUnavailable(RuntimeError):
 
 
 def _load(what: str, fn):
-    """``fn()``, with a clear :class:`WeightsUnavailable` when it cannot load. Without a
-    connection to the Hub only its local cache is tried (no retries, no waiting)."""
-    import os
-
+    """``fn(local_only)``, with a clear :class:`WeightsUnavailable` when it cannot load.
+    Without a connection to the Hub, ``local_only`` is true and every ``from_pretrained``
+    looks only in the local cache (``local_files_only``: no retries, no waiting)."""
     from .data import online
 
-    offline = None if online("huggingface.co") else os.environ.get("HF_HUB_OFFLINE", "")
-    if offline is not None:
-        os.environ["HF_HUB_OFFLINE"] = "1"
     try:
-        return fn()
+        return fn(not online("huggingface.co"))
     except ImportError as err:
         raise WeightsUnavailable(
             f'{what} needs transformers: pip install "osdlib[t2i]" ({err})'
@@ -168,19 +171,13 @@ def _load(what: str, fn):
         raise WeightsUnavailable(
             f"could not load {what}: no internet and not in the Hugging Face cache? ({err})"
         ) from err
-    finally:
-        if offline is not None:  # as it was
-            if offline:
-                os.environ["HF_HUB_OFFLINE"] = offline
-            else:
-                os.environ.pop("HF_HUB_OFFLINE", None)
 
 
-def clip_tokenizer(model_id: str, subfolder: str = "") -> Tokenize:
+def clip_tokenizer(model_id: str, subfolder: str = "", local_only: bool = False) -> Tokenize:
     """CLIP's BPE tokenizer of ``model_id`` (padded to its 77 tokens)."""
     from transformers import CLIPTokenizer
 
-    tok = CLIPTokenizer.from_pretrained(model_id, subfolder=subfolder)
+    tok = CLIPTokenizer.from_pretrained(model_id, subfolder=subfolder, local_files_only=local_only)
 
     def tokenize(prompts: Sequence[str]) -> Tensor:
         return tok(
@@ -201,17 +198,19 @@ def load_sd_turbo(
 ) -> OneStepT2I:
     """SD-Turbo (512x512, 4x64x64 latents) as a one-step generator."""
 
-    def load():
+    def load(local_only: bool):
         _quiet_imports()
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        kw = {"torch_dtype": dtype}
+        kw = {"torch_dtype": dtype, "local_files_only": local_only}
         unet = UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", **kw)
         vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae", **kw)
         text = CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", **kw)
-        sched = DDPMScheduler.from_pretrained(model_id, subfolder="scheduler")
-        tokenize = clip_tokenizer(model_id, subfolder="tokenizer")
+        sched = DDPMScheduler.from_pretrained(
+            model_id, subfolder="scheduler", local_files_only=local_only
+        )
+        tokenize = clip_tokenizer(model_id, subfolder="tokenizer", local_only=local_only)
         return OneStepT2I(unet, vae, text, tokenize, sched.alphas_cumprod).to(device)
 
     return _load(model_id, load)
@@ -239,13 +238,16 @@ def load_pickscore(
 
 
 def _clip_reward(prompts, model_id, tokenizer_id, scale, name, device, dtype) -> CLIPReward:
-    def load():
+    def load(local_only: bool):
         _quiet_imports()
         from transformers import CLIPModel
 
-        model = CLIPModel.from_pretrained(model_id, torch_dtype=dtype).to(device)
+        model = CLIPModel.from_pretrained(
+            model_id, torch_dtype=dtype, local_files_only=local_only
+        ).to(device)
         _checkpointing(model)
-        return CLIPReward(model, clip_tokenizer(tokenizer_id), prompts, scale=scale, name=name)
+        tokenize = clip_tokenizer(tokenizer_id, local_only=local_only)
+        return CLIPReward(model, tokenize, prompts, scale=scale, name=name)
 
     return _load(model_id, load)
 

@@ -65,3 +65,32 @@ def test_loading_without_weights_says_so(monkeypatch):
     monkeypatch.setattr(transformers.CLIPModel, "from_pretrained", offline)
     with pytest.raises(t2i.WeightsUnavailable, match="could not load"):
         t2i.load_clip_reward(["x"], device="cpu")
+
+
+def test_missing_packages_are_named(monkeypatch):
+    import sys
+
+    assert t2i.missing_packages() == []  # the test environment installs the t2i extra
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
+    assert t2i.missing_packages() == ["transformers"]
+
+
+def test_without_the_hub_only_the_local_cache_is_asked(monkeypatch):
+    import transformers
+
+    from osdlib import data
+
+    asked = []
+
+    def from_pretrained(*args, **kwargs):
+        asked.append(kwargs.get("local_files_only"))
+        raise OSError("not in the cache")
+
+    monkeypatch.setattr(transformers.CLIPModel, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(data, "online", lambda host, timeout=3.0: False)
+    with pytest.raises(t2i.WeightsUnavailable, match="not in the Hugging Face cache"):
+        t2i.load_clip_reward(["x"], device="cpu")
+    monkeypatch.setattr(data, "online", lambda host, timeout=3.0: True)
+    with pytest.raises(t2i.WeightsUnavailable):
+        t2i.load_clip_reward(["x"], device="cpu")
+    assert asked == [True, False]
