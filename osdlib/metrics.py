@@ -26,6 +26,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -329,6 +330,18 @@ class _UInt8Images(torch.utils.data.Dataset):
         return self.images[i]
 
 
+@contextmanager
+def full_float32():
+    """Float32 matrix products and convolutions inside (no TF32 on Ampere and later GPUs,
+    where a profile may have switched it on for speed); the previous settings after."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 def fid(
     samples: Tensor,
     reference: ImageData | Tensor | str,
@@ -392,7 +405,8 @@ def fid(
     if path is not None:
         kwargs["feature_extractor_weights_path"] = str(path)
     try:
-        out = torch_fidelity.calculate_metrics(**kwargs)
+        with full_float32():  # the protocol's float32 Inception, also where a profile set TF32
+            out = torch_fidelity.calculate_metrics(**kwargs)
     except (OSError, RuntimeError) as err:
         if path is not None or feature_extractor != INCEPTION_EXTRACTOR:
             raise

@@ -256,3 +256,27 @@ def test_a_wrong_mapping_with_matching_shapes_is_caught(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disagree"):
         metrics.prepare_inception_weights(out)
     assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary copy
+
+
+def test_fid_runs_inception_in_full_float32(tmp_path, monkeypatch):
+    # a profile may switch TF32 on for speed; FID's Inception must not run in it, and the
+    # profile's choice comes back afterwards
+    import torch_fidelity
+
+    seen = {}
+
+    def calculate_metrics(**kwargs):
+        seen["tf32"] = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        return {"frechet_inception_distance": 1.0}
+
+    monkeypatch.setattr(torch_fidelity, "calculate_metrics", calculate_metrics)
+    (tmp_path / "w.pth").write_bytes(b"")
+    images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        assert metrics.fid(images, images, weights_path=tmp_path / "w.pth") == 1.0
+        after = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    assert seen["tf32"] == (False, False) and after == (True, True)
