@@ -226,7 +226,13 @@ class ARTransformer(nn.Module):
 
             def choose(logits: Tensor, i: int) -> Tensor:
                 p = process_logits(logits, temperature, top_k).exp()
-                return torch.multinomial(p.cpu(), 1, generator=generator).squeeze(1).to(y.device)
+                if generator is not None and generator.device != p.device:
+                    # a CPU generator with a GPU model: drawn on the CPU, one copy per
+                    # position (pass a generator on the model's device for timings)
+                    return (
+                        torch.multinomial(p.cpu(), 1, generator=generator).squeeze(1).to(p.device)
+                    )
+                return torch.multinomial(p, 1, generator=generator).squeeze(1)
 
         caches = [{} for _ in self.blocks] if use_cache else None
         tokens = torch.zeros(len(y), 0, dtype=torch.long, device=y.device)

@@ -27,14 +27,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def _column(t: float | Tensor, x: Tensor) -> float | Tensor:
+    """A time as a column (N, 1) on ``x``'s device; a Python number stays one (no copy to
+    the GPU and no wait for it, 2 x steps x tokens times per sequence)."""
+    return float(t) if not torch.is_tensor(t) else t.to(x).reshape(-1, 1)
+
+
 def posterior_logits(x: Tensor, t: float | Tensor, logp: Tensor, codes: Tensor) -> Tensor:
     """log w_k (unnormalised) = log p_k - ||x - t c_k||^2 / (2 (1 - t)^2), shape (N, K).
 
     ``x`` (N, D); ``logp`` (N, K) log-probabilities; ``codes`` (K, D) or (N, K, D)."""
-    t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1, 1)
+    t = _column(t, x)
     if codes.dim() == 2:
         codes = codes.unsqueeze(0)
-    sq = ((x.unsqueeze(1) - t.unsqueeze(-1) * codes) ** 2).sum(-1)
+    tc = t * codes if isinstance(t, float) else t.unsqueeze(-1) * codes
+    sq = ((x.unsqueeze(1) - tc) ** 2).sum(-1)
     return logp - sq / (2 * (1 - t) ** 2)
 
 
@@ -44,8 +51,7 @@ def velocity(x: Tensor, t: float | Tensor, logp: Tensor, codes: Tensor) -> Tenso
     mean = torch.einsum(
         "nk,nkd->nd", w, codes if codes.dim() == 3 else codes.expand(len(x), -1, -1)
     )
-    t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1, 1)
-    return (mean - x) / (1 - t)
+    return (mean - x) / (1 - _column(t, x))
 
 
 def map_tokens(eps: Tensor, logp: Tensor, codes: Tensor, steps: int = 100) -> tuple[Tensor, Tensor]:
@@ -238,7 +244,8 @@ def naive_marginals(tokens: Tensor, labels: Tensor, vocab: int, num_classes: int
 
 
 def sample_naive(marginals: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Every token drawn independently from its class-and-position marginal."""
-    p = marginals[y.cpu()]  # (B, L, vocab)
+    """Every token drawn independently from its class-and-position marginal (on the
+    marginals' device, with a generator on that device)."""
+    p = marginals[y.to(marginals.device)]  # (B, L, vocab)
     flat = torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=generator)
     return flat.view(p.shape[0], p.shape[1])
