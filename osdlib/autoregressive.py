@@ -226,7 +226,7 @@ class ARTransformer(nn.Module):
 
             def choose(logits: Tensor, i: int) -> Tensor:
                 p = process_logits(logits, temperature, top_k).exp()
-                if generator is not None and generator.device != p.device:
+                if generator is not None and generator.device.type != p.device.type:
                     # a CPU generator with a GPU model: drawn on the CPU, one copy per
                     # position (pass a generator on the model's device for timings)
                     return (
