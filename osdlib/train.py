@@ -141,16 +141,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def _dist_info() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and torch.distributed.is_available():
+        if torch.cuda.is_available():  # "cuda" means this rank's GPU from here on
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         if not torch.distributed.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            torch.distributed.init_process_group(backend)
+            # NCCL for GPU tensors, gloo for CPU ones (a 2-D toy trains on the CPU)
+            cuda = torch.cuda.is_available()
+            torch.distributed.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
         return torch.distributed.get_rank(), world
     return 0, 1
 
 
 def _out_of_time(t0: float, max_seconds: float, world: int) -> bool:
-    """Whether the wall-clock cap is reached; under DDP every rank takes rank 0's answer, so
-    that all ranks stop at the same step."""
+    """Whether the wall-clock cap is reached; under torchrun every rank takes rank 0's
+    answer, so that all ranks stop at the same step."""
     late = time.perf_counter() - t0 >= max_seconds
     if world > 1:
         flag = torch.tensor([float(late)], device="cuda" if torch.cuda.is_available() else "cpu")
@@ -160,9 +163,9 @@ def _out_of_time(t0: float, max_seconds: float, world: int) -> bool:
 
 
 def _average_gradients(params: list[nn.Parameter], world: int) -> None:
-    """Replace every gradient by its mean over the ranks, in one all-reduce. A parameter
-    without a gradient on this rank counts as zero; one that no rank touched keeps none (so
-    the optimiser leaves it alone, as on one device)."""
+    """Replace every gradient by its mean over the ranks (one all-reduce of all gradients,
+    one of the flags below). A parameter without a gradient on this rank counts as zero; one
+    that no rank touched keeps none (so the optimiser leaves it alone, as on one device)."""
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     touched = torch.tensor([float(p.grad is not None) for p in params], device=flat.device)
@@ -170,7 +173,7 @@ def _average_gradients(params: list[nn.Parameter], world: int) -> None:
     torch.distributed.all_reduce(touched)
     flat /= world
     for p, part, n in zip(params, flat.split([p.numel() for p in params]), touched.tolist()):
-        p.grad = part.view_as(p) if n > 0 else None
+        p.grad = part.view_as(p).to(p.dtype) if n > 0 else None
 
 
 def train(
@@ -239,6 +242,9 @@ def train(
         torch.set_rng_state(state["torch_rng"].cpu())
         history = {k: list(v) for k, v in state["history"].items()}
         start = int(state["step"])
+        if world > 1:  # the checkpoint holds rank 0's generators: each rank goes on with its own
+            data_gen.manual_seed((seed * 1000 + rank) * 1_000_003 + start)
+            noise_gen.manual_seed((seed * 1000 + rank + 1) * 1_000_003 + start)
 
     if world > 1:  # every rank starts from rank 0's model
         for t in [*model.parameters(), *model.buffers()]:
@@ -304,7 +310,11 @@ def train(
                 else loss_fn(model, batch, noise_gen)
             )
         loss, extra = out if isinstance(out, tuple) else (out, {})
-        value = loss.item()
+        value = loss.detach().clone()
+        if world > 1:  # the mean over the ranks: a NaN on one rank stops them all
+            torch.distributed.all_reduce(value)
+            value /= world
+        value = value.item()
         if not math.isfinite(value):
             where = f"; the last good checkpoint is kept at {ckpt_path}" if ckpt_path else ""
             raise FloatingPointError(f"loss became {value} at step {step}{where}")

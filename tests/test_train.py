@@ -117,6 +117,12 @@ def _ddp_worker(rank, world, port, out_dir):
         progress=False,
         ckpt_path=f"{out_dir}/ddp.pt",
     )
+    # the averaging itself: means over the ranks, a rank without a gradient counts as zero
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    a.grad = torch.full((3,), float(rank + 1))
+    b.grad = torch.full((2,), 4.0) if rank == 1 else None
+    train._average_gradients([a, b], world)
+    assert torch.equal(a.grad, torch.full((3,), 1.5)) and torch.equal(b.grad, torch.full((2,), 2.0))
     # a loss that calls its model's parts, as the distillation losses do (m.generator): the
     # gradients are still averaged, and a part no rank uses keeps no gradient
     parts = torch.nn.ModuleDict({"used": torch.nn.Linear(2, 2), "unused": torch.nn.Linear(2, 2)})

@@ -397,7 +397,9 @@ def distill(
     habit; DMD2 uses AdamW (0.9, 0.999) at much smaller learning rates), one parameter
     group for G and one for the fake score + head at ``fake_lr`` (default ``lr``). The
     EMA (``ema_decay``, per iteration) is of the whole :class:`Distiller`; evaluate
-    ``result.ema.generator``. Single process only (the generator skips iterations).
+    ``result.ema.generator``. Under torchrun the generator's skipped iterations need
+    nothing special: :func:`~osdlib.train.train` averages each gradient over the ranks that
+    have one.
     """
     if recipe.regression > 0 and pairs is None:
         raise ValueError("the regression loss needs teacher pairs (pairs=PairSet)")
