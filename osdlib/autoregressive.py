@@ -106,14 +106,21 @@ class VQTokenizer(nn.Module):
 
     @torch.no_grad()
     def _restart_dead(self, index: Tensor, z: Tensor) -> None:
-        used = torch.zeros_like(self.idle, dtype=torch.bool)
-        used[index.flatten()] = True
-        self.idle = torch.where(used, torch.zeros_like(self.idle), self.idle + 1)
+        import torch.distributed as dist
+
+        used = torch.zeros_like(self.idle)
+        used[index.flatten()] = 1
+        ranks = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if ranks:  # under torchrun a code is used if any rank used it: the same counters
+            dist.all_reduce(used, op=dist.ReduceOp.MAX)
+        self.idle = torch.where(used > 0, torch.zeros_like(self.idle), self.idle + 1)
         dead = torch.nonzero(self.idle >= self.restart_after).flatten()
         if len(dead):
             flat = z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
             pick = torch.randint(len(flat), (len(dead),), device=flat.device)
             self.codebook.data[dead] = flat[pick].to(self.codebook.dtype)
+            if ranks:  # rank 0's restarted codes for every rank
+                dist.broadcast(self.codebook.data, src=0)
             self.idle[dead] = 0
 
     @torch.no_grad()

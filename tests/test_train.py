@@ -138,8 +138,17 @@ def _ddp_worker(rank, world, port, out_dir):
     assert all(p.grad is None for p in run.model["unused"].parameters())
     if rank == 0:  # rank 0's weights are everyone's starting point; unused ones stay put
         assert all(torch.equal(a, b) for a, b in zip(unused, run.model["unused"].parameters()))
-    weights = [p.detach() for p in res.model.parameters()]
-    torch.save(weights + [p.detach() for p in run.model.parameters()], f"{out_dir}/rank{rank}.pt")
+    # the VQ tokenizer restarts unused codes from each rank's own batch: the ranks must agree
+    from osdlib import autoregressive
+
+    images = data.ImageData(
+        "noise", torch.rand(64, 1, 8, 8) * 2 - 1, torch.zeros(64, dtype=torch.long)
+    )
+    tok = autoregressive.VQTokenizer(1, codes=16, code_dim=2, hidden=8, restart_after=1)
+    vq = autoregressive.train_tokenizer(tok, images, steps=3, batch=8, seed=0, progress=False)
+    assert vq.model.idle.max() <= 1  # codes were restarted
+    weights = [p.detach() for m in (res.model, run.model, vq.model) for p in m.parameters()]
+    torch.save(weights, f"{out_dir}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
