@@ -10,7 +10,8 @@ profile  where                 purpose
 ci       any CPU, <= 60 s      every code path runs at tiny sizes (nbval in CI)
 book     CPU laptop, <= 10 min what the committed outputs show: 2-D toys fully, digits
 gpu      one GPU, <= 15 min    CIFAR-10-scale results with the real pipeline
-paper    one or more GPUs      the paper's configuration, documented, runnable
+paper    one GPU per chapter   the paper's configuration, documented, runnable (training
+                               also under torchrun, see osdlib.train)
 auto     -                     ``gpu`` when CUDA is available, else ``book``
 =======  ====================  ===========================================================
 """
