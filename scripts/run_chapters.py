@@ -100,9 +100,6 @@ def shrink(settings: dict) -> dict:
     that a CPU runs the whole chain at a GPU profile's settings in minutes."""
     small = {}
     for key, value in settings.items():
-        if key == "generator_scale":  # the source chapters' step counts (osdlib.generators)
-            small[key] = min(value, 0.02)
-            continue
         if key == "generator_overrides":  # the source chapters' sizes, whatever the profile
             steps = ("reflow_steps", "distill_steps", "ect_steps", "steps")
             small[key] = {"batch": 8, "pair_steps": 2, "pairs": 64, **dict.fromkeys(steps, 3)}
