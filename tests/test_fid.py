@@ -80,8 +80,10 @@ def features(weights):
             a.float(), size=(299, 299), align_corners=False
         )
         ref = net((x - 128) / 128)
+    # the library's batched extraction (two batches: 5 + 3) with the same file
+    batched = metrics.inception_features(a, weights_path=weights.fp32, batch_size=5)
     dtypes = {p.dtype for p in fe16.parameters()}
-    return SimpleNamespace(fp32=f32, fp16=f16, ref=ref, fp16_param_dtypes=dtypes)
+    return SimpleNamespace(fp32=f32, fp16=f16, ref=ref, batched=batched, fp16_param_dtypes=dtypes)
 
 
 @pytest.fixture(scope="session")
@@ -130,6 +132,12 @@ def test_converted_features_match_the_torchscript_module(features):
     assert features.fp32.shape == features.ref.shape == (N, 2048)
     assert scale > 1.0  # real features, not zeros
     assert (features.fp32 - features.ref).abs().max() < 1e-5 * scale  # measured ~2e-7
+
+
+def test_inception_features_are_fids_features_in_batches(features):
+    assert features.batched.shape == (N, 2048) and features.batched.dtype == torch.float32
+    scale = features.fp32.abs().max()
+    assert (features.batched - features.fp32).abs().max() < 1e-5 * scale
 
 
 def test_fp16_file_loads_as_fp32_and_stays_close(features):
