@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
     test = data.load("cifar10", root=root / "train", split="test")
     train = data.load("cifar10", root=root / "train")
-    n_train = args.train_size or len(train)
+    n_train = min(args.train_size or len(train), len(train))
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n_train]
     # the same subset as metrics.fid(..., reference_size=n_train) takes
 
@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
         wall,
         dataset=label,
         rows=rows,
+        in_tables=True,  # the results tables show it after the chapters' runs
     )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

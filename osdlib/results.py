@@ -234,6 +234,19 @@ def read_records(root: str | Path | None = None) -> list[dict]:
     return out
 
 
+def read_measurements(root: str | Path | None = None) -> list[dict]:
+    """The records of ``results/benchmarks/`` that ask to be tabulated with the chapters'
+    (``"in_tables": true`` and table ``rows``: a measurement that sets a chapter's numbers in
+    context, such as the FID of real images), sorted by path."""
+    root = Path(root or results_dir())
+    out = []
+    for p in sorted((root / "benchmarks").glob("*.json")):
+        rec = json.loads(p.read_text())
+        if rec.get("in_tables") and rec.get("rows"):
+            out.append(rec | {"_path": p.relative_to(root).as_posix()})
+    return out
+
+
 PAPERS = Path(__file__).with_name("papers.json")
 PROFILES = ("ci", "book", "gpu", "paper")  # the order in which a chapter's runs are listed
 
@@ -336,13 +349,15 @@ def provenance(rec: dict, link_prefix: str | None = None, others: list[dict] = (
     commit = str(rec.get("commit") or "unknown")
     sha, plus, rest = commit.partition("+")
     short = (sha[:7] if re.fullmatch(r"[0-9a-f]{8,40}", sha) else sha) + plus + rest
-    parts = [f"`{rec['profile']}` profile on `{rec['device']}`"]
+    on = f"`{rec['profile']}` profile on " if rec.get("profile") else "on "
+    parts = [on + f"`{rec['device']}`"]
     if rec.get("seed") is not None:
         parts.append(f"seed {rec['seed']}")
     parts += [f"commit `{short}`", f"wall time {wall_text(rec.get('wall_s'))}"]
     if rec.get("dataset"):
         parts.append(f"data: {rec['dataset']}")
-    line = "Run: " + ", ".join(parts) + f"; record {where}"
+    kind = "Run" if "chapter" in rec else "Measurement"
+    line = f"{kind}: " + ", ".join(parts) + f"; record {where}"
     if others:
         seeds = ", ".join(f"seed {o.get('seed')} ({_where(o, link_prefix)})" for o in others)
         line += f". The same run at {seeds}: values are mean ± std over all the seeds."
@@ -452,6 +467,11 @@ def markdown_table(root: str | Path | None = None, link_prefix: str | None = Non
         if not runs:
             blocks = [f"No run of this book recorded yet.\n\n{compact_table([], theirs[0])}"]
         parts.append(f"**{ch}**\n\n" + "\n".join(blocks))
+    for rec in read_measurements(root):
+        parts.append(
+            f"**{rec['benchmark']}**\n\n{provenance(rec, link_prefix)}\n\n"
+            + compact_table(rec["rows"], [])
+        )
     return "\n".join(parts)
 
 
