@@ -24,6 +24,7 @@ Measured while writing these tests (8 random 32x32 images per set, CPU):
 
 import contextlib
 import io
+import json
 import sys
 import urllib.error
 import warnings
@@ -288,3 +289,73 @@ def test_fid_runs_inception_in_full_float32(tmp_path, monkeypatch):
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
     assert seen["tf32"] == (False, False) and after == (True, True)
+
+
+def _fid_floor():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fid_floor.py"
+    spec = importlib.util.spec_from_file_location("bench_fid_floor", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _jpeg_folder(root, n, seed, **save):
+    from PIL import Image
+
+    for c, images in enumerate(_images(seed)[:n].chunk(2)):
+        (root / f"class{c}").mkdir(parents=True)
+        for i, x in enumerate(images):
+            Image.fromarray(x.permute(1, 2, 0).numpy()).save(root / f"class{c}/{i}.jpg", **save)
+
+
+def test_jpeg_settings_are_read_back_and_one_more_pass_changes_pixels(tmp_path):
+    floor = _fid_floor()
+    _jpeg_folder(tmp_path / "a", 4, 0, quality=75)  # PIL's defaults: 4:2:0
+    _jpeg_folder(tmp_path / "b", 4, 0, quality=90, subsampling="4:4:4")
+    assert floor.jpeg_settings(tmp_path / "a") == {"quality": 75, "subsampling": "4:2:0"}
+    assert floor.jpeg_settings(tmp_path / "b") == {"quality": 90, "subsampling": "4:4:4"}
+    (tmp_path / "c").mkdir()
+    assert floor.jpeg_settings(tmp_path / "c") == {}
+    x = _images(2)
+    once, twice = floor.reencode(x, 75, "4:2:0"), floor.reencode(x, 75, "4:2:0")
+    assert once.dtype == torch.uint8 and once.shape == x.shape
+    assert torch.equal(once, twice)  # deterministic
+    change = (once.float() - x.float()).abs().mean()
+    assert 0 < change < 0.5 * (x.float() - x.roll(1, 0).float()).abs().mean()  # lossy, same images
+
+
+def test_fid_floor_writes_a_record_that_the_tables_show(weights, tmp_path, monkeypatch, capsys):
+    from osdlib import results
+
+    floor = _fid_floor()
+    monkeypatch.setenv("OSD_CACHE_DIR", str(weights.root))
+    monkeypatch.delenv("OSD_INCEPTION_WEIGHTS", raising=False)
+    with pytest.raises(SystemExit, match="needs train/ and test/ class folders"):
+        floor.main(["--data", str(tmp_path)])
+    _jpeg_folder(tmp_path / "train", 8, 3, quality=75)
+    _jpeg_folder(tmp_path / "test", 6, 4, quality=75)
+    out = tmp_path / "results" / "benchmarks" / "fid-floor-cpu.json"
+    rec = floor.main(
+        ["--data", str(tmp_path), "--train-size", "5", "--reencode", "2", "--out", str(out)]
+    )
+    assert f"wrote {out}" in capsys.readouterr().out and json.loads(out.read_text()) == rec
+    cached = sorted(p.name.split("-")[0] for p in (weights.root / "fid" / "features").glob("*.pt"))
+    assert cached == ["test", "test", "train"]  # test, re-encoded test, train: for a re-run
+    m = rec["metrics"]
+    assert (m["n_test"], m["n_train"], m["n_train_total"]) == (6, 5, 8)
+    assert set(m["fid"]) == {
+        "test_vs_train",
+        "half_test_vs_train",
+        "half_vs_half",
+        "reencoded_vs_test",
+    }
+    assert all(v > 0 for v in m["fid"].values())
+    assert m["jpeg"]["quality"] == 75 and 0 < m["jpeg"]["changed_pixel_fraction"] <= 1
+    assert [r["samples"] for r in rec["rows"]] == [6, 3, 3, 2]
+    assert rec["in_tables"] and rec["device"] == "cpu" and rec["profile"] is None
+    assert [r["benchmark"] for r in results.read_measurements(tmp_path / "results")] == [
+        rec["benchmark"]
+    ]

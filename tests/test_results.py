@@ -230,3 +230,22 @@ def test_tables_list_chapters_in_the_books_order(tmp_path):
 def test_records_say_which_cpu_ran_them():
     cpu = results.environment()["cpu"]
     assert cpu["cores"] >= 1 and cpu["torch_threads"] >= 1 and cpu["model"]
+
+
+def test_a_measurement_that_asks_for_it_follows_the_chapters_tables(tmp_path):
+    rows = [results.row("real test images", "FID (10k)", 5.25, dataset="CIFAR-10 (JPEG copy)")]
+    rec = results.benchmark_record("FID floor", None, "cpu", {"fid": {"x": 5.25}}, 3700.0)
+    bench = tmp_path / "benchmarks"
+    bench.mkdir()
+    (bench / "fid-floor-cpu.json").write_text(json.dumps(rec | {"rows": rows, "in_tables": True}))
+    (bench / "throughput-cpu.json").write_text(json.dumps(rec | {"rows": rows}))  # not asked
+    assert [r["_path"] for r in results.read_measurements(tmp_path)] == [
+        "benchmarks/fid-floor-cpu.json"
+    ]
+    table = results.markdown_table(tmp_path, link_prefix="results/")
+    block = _block(table, "FID floor")
+    assert block.startswith("\nMeasurement: on `cpu`, commit ")
+    assert "wall time 1 h 01 min" in block and "profile" not in block
+    assert "[results/benchmarks/fid-floor-cpu.json](results/benchmarks/fid-floor-cpu.json)" in block
+    assert "| real test images |  | FID (10k) on CIFAR-10 | 5.25 |" in block
+    assert "throughput" not in table and table.count("real test images") == 1
