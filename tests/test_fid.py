@@ -315,20 +315,32 @@ def test_jpeg_settings_are_read_back_and_one_more_pass_changes_pixels(tmp_path):
     floor = _fid_floor()
     _jpeg_folder(tmp_path / "a", 4, 0, quality=75)  # PIL's defaults: 4:2:0
     _jpeg_folder(tmp_path / "b", 4, 0, quality=90, subsampling="4:4:4")
-    assert floor.jpeg_settings(tmp_path / "a") == {"quality": 75, "subsampling": "4:2:0"}
-    assert floor.jpeg_settings(tmp_path / "b") == {"quality": 90, "subsampling": "4:4:4"}
+    a, b = floor.jpeg_settings(tmp_path / "a"), floor.jpeg_settings(tmp_path / "b")
+    assert (a["quality"], a["subsampling"]) == (75, "4:2:0")
+    assert (b["quality"], b["subsampling"]) == (90, "4:4:4")
+    assert a["qtables"][0][:4] == [8, 6, 5, 8]  # libjpeg's luminance table at quality 75
     (tmp_path / "c").mkdir()
     assert floor.jpeg_settings(tmp_path / "c") == {}
     x = _images(2)
-    once, twice = floor.reencode(x, 75, "4:2:0"), floor.reencode(x, 75, "4:2:0")
+    once, twice = (floor.reencode(x, a["qtables"], "4:2:0") for _ in range(2))
     assert once.dtype == torch.uint8 and once.shape == x.shape
     assert torch.equal(once, twice)  # deterministic
     change = (once.float() - x.float()).abs().mean()
     assert 0 < change < 0.5 * (x.float() - x.roll(1, 0).float()).abs().mean()  # lossy, same images
+    finer = floor.reencode(x, b["qtables"], "4:4:4")  # quality 90 tables, no chroma subsampling
+    assert (finer.float() - x.float()).abs().mean() < change
+
+
+def test_halves_take_half_of_every_class_at_random():
+    labels = torch.tensor([0] * 4 + [1] * 6 + [2] * 10)
+    a, b = _fid_floor().halves(labels)
+    assert sorted(torch.cat([a, b]).tolist()) == list(range(20))  # disjoint, all of them
+    assert torch.bincount(labels[a]).tolist() == torch.bincount(labels[b]).tolist() == [2, 3, 5]
+    assert labels[a].tolist() != sorted(labels[a].tolist())  # shuffled, not class by class
 
 
 def test_fid_floor_writes_a_record_that_the_tables_show(weights, tmp_path, monkeypatch, capsys):
-    from osdlib import results
+    from osdlib import data, results
 
     floor = _fid_floor()
     monkeypatch.setenv("OSD_CACHE_DIR", str(weights.root))
@@ -336,26 +348,32 @@ def test_fid_floor_writes_a_record_that_the_tables_show(weights, tmp_path, monke
     with pytest.raises(SystemExit, match="needs train/ and test/ class folders"):
         floor.main(["--data", str(tmp_path)])
     _jpeg_folder(tmp_path / "train", 8, 3, quality=75)
-    _jpeg_folder(tmp_path / "test", 6, 4, quality=75)
+    _jpeg_folder(tmp_path / "test", 8, 4, quality=75)
     out = tmp_path / "results" / "benchmarks" / "fid-floor-cpu.json"
-    rec = floor.main(
-        ["--data", str(tmp_path), "--train-size", "5", "--reencode", "2", "--out", str(out)]
-    )
+    argv = ["--data", str(tmp_path), "--train-size", "5", "--reencode", "2", "--out", str(out)]
+    rec = floor.main(argv)
     assert f"wrote {out}" in capsys.readouterr().out and json.loads(out.read_text()) == rec
-    cached = sorted(p.name.split("-")[0] for p in (weights.root / "fid" / "features").glob("*.pt"))
-    assert cached == ["test", "test", "train"]  # test, re-encoded test, train: for a re-run
     m = rec["metrics"]
-    assert (m["n_test"], m["n_train"], m["n_train_total"]) == (6, 5, 8)
-    assert set(m["fid"]) == {
-        "test_vs_train",
-        "half_test_vs_train",
-        "half_vs_half",
-        "reencoded_vs_test",
-    }
+    assert (m["n_test"], m["n_train"], m["n_train_total"]) == (8, 5, 8)
+    assert set(m["fid"]) == {"test_vs_train", "half_vs_train", "half_vs_half", "again_vs_test"}
     assert all(v > 0 for v in m["fid"].values())
+    assert m["half_class_counts"] == [2, 2] and m["fid_weights"] == weights.fp32.name
     assert m["jpeg"]["quality"] == 75 and 0 < m["jpeg"]["changed_pixel_fraction"] <= 1
-    assert [r["samples"] for r in rec["rows"]] == [6, 3, 3, 2]
+    assert [(r["samples"], r["reference"]) for r in rec["rows"]] == [(8, 5), (4, 5), (4, 4), (2, 2)]
     assert rec["in_tables"] and rec["device"] == "cpu" and rec["profile"] is None
     assert [r["benchmark"] for r in results.read_measurements(tmp_path / "results")] == [
         rec["benchmark"]
     ]
+    # each set's features are kept, keyed by its images: a second run computes none again
+    cached = sorted(p.name.split("-")[0] for p in (weights.root / "fid" / "features").glob("*.pt"))
+    assert cached == ["test", "test", "train"]  # test, test again, train
+    test = data.load("cifar10", root=tmp_path / "train", split="test")
+    args = SimpleNamespace(device="cpu", batch=100, rates=[])
+    again = floor.features("test", test.images, weights.fp32, args)
+    assert "features from" in capsys.readouterr().out and args.rates == []
+    assert again.shape == (8, 2048)
+
+
+def test_frechet_distance_of_inception_features_is_fid(weights, features, fids):
+    b = metrics.inception_features(_images(1), weights_path=weights.fp32)
+    assert metrics.frechet_distance(features.batched, b) == pytest.approx(fids.ours, rel=1e-4)
