@@ -18,8 +18,8 @@ book's CIFAR-10 FIDs. Measured with the book's FID protocol
   number of images adds (FID is biased upwards, more so for fewer images);
 * with ``--reencode N`` and a JPEG copy, N test images of that half against themselves after
   one more JPEG pass with the copy's own quantisation tables. A second pass with the same
-  tables changes less than the first did, so this is a lower bound on how far the copy's
-  JPEG encoding moved Inception's statistics from the original pixels.
+  tables changes the pixels less than the first did, so this most likely understates how
+  far the copy's JPEG encoding moved Inception's statistics from the original pixels.
 
 Each set's features are kept under ``$OSD_CACHE_DIR/fid/features`` (keyed by the images'
 bytes and the weights file), so a stopped run starts again where it was. Inception-v3 at
