@@ -358,6 +358,10 @@ def test_fid_floor_writes_a_record_that_the_tables_show(weights, tmp_path, monke
     assert set(m["fid"]) == {"test_vs_train", "half_vs_train", "half_vs_half", "again_vs_test"}
     assert all(v > 0 for v in m["fid"].values())
     assert m["half_class_counts"] == [2, 2] and m["fid_weights"] == weights.fp32.name
+    assert {k: v["features"] for k, v in m["feature_sets"].items()} == dict.fromkeys(
+        ("test", "train", "test-again"), "computed"
+    )
+    assert all(v["images_per_s"] > 0 for v in m["feature_sets"].values())
     assert m["jpeg"]["quality"] == 75 and 0 < m["jpeg"]["changed_pixel_fraction"] <= 1
     assert [(r["samples"], r["reference"]) for r in rec["rows"]] == [(8, 5), (4, 5), (4, 4), (2, 2)]
     assert rec["in_tables"] and rec["device"] == "cpu" and rec["profile"] is None
@@ -368,9 +372,9 @@ def test_fid_floor_writes_a_record_that_the_tables_show(weights, tmp_path, monke
     cached = sorted(p.name.split("-")[0] for p in (weights.root / "fid" / "features").glob("*.pt"))
     assert cached == ["test", "test", "train"]  # test, test again, train
     test = data.load("cifar10", root=tmp_path / "train", split="test")
-    args = SimpleNamespace(device="cpu", batch=100, rates=[])
+    args = SimpleNamespace(device="cpu", batch=100, sets={})
     again = floor.features("test", test.images, weights.fp32, args)
-    assert "features from" in capsys.readouterr().out and args.rates == []
+    assert "features from" in capsys.readouterr().out and "cache" in args.sets["test"]["features"]
     assert again.shape == (8, 2048)
 
 
