@@ -125,6 +125,25 @@ def features(name: str, images: torch.Tensor, weights: Path | None, args) -> tor
     return f
 
 
+def sample_size_fit(rows: list[dict], n_test: int, n_train: int) -> dict:
+    """FID's finite-sample bias, fitted: FID = distance + c (1/n1 + 1/n2) over rows of real
+    images of one distribution (train and test are i.i.d. draws), least squares; the bias of a
+    Frechet distance of Gaussians fitted to n samples falls like 1/n. ``predicted`` is the fit
+    at all ``n_train`` training images against ``n_test`` test images (an extrapolation where
+    the rows used fewer); ``residuals`` say how well the form fits."""
+    x = np.array([1 / r["samples"] + 1 / r["reference"] for r in rows])
+    y = np.array([r["value"] for r in rows])
+    (distance, c), *_ = np.linalg.lstsq(np.stack([np.ones_like(x), x], 1), y, rcond=None)
+    return {
+        "form": "FID = distance + c * (1/n1 + 1/n2)",
+        "distance": float(distance),
+        "c": float(c),
+        "residuals": [float(v) for v in y - (distance + c * x)],
+        "predicted": float(distance + c * (1 / n_test + 1 / n_train)),
+        "predicted_at": [n_train, n_test],
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="folder with train/ and test/ class folders")
@@ -173,6 +192,11 @@ def main(argv: list[str] | None = None) -> dict:
     add("test_vs_train", "all test images vs training images", f_test, f_train)
     add("half_vs_train", "half the test images vs training images", f_test[a], f_train)
     add("half_vs_half", "half the test images vs the other half", f_test[a], f_test[b])
+    bias = sample_size_fit(rows, len(test), len(train))
+    print(
+        f"FID ~ {bias['distance']:.3f} + {bias['c']:.0f} (1/n1 + 1/n2) over the rows above; "
+        f"at {len(train):,} vs {len(test):,} images that gives {bias['predicted']:.2f}"
+    )
     jpeg = jpeg_settings(root / "test")
     if args.reencode and jpeg.get("subsampling"):
         first = a[: args.reencode]
@@ -203,6 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
             "n_train_total": len(train),
             "train_subset": "torch.randperm(seed 0), the first n_train (as metrics.fid's "
             "reference_size)",
+            "sample_size_fit": bias,
             "test_halves": "half of every class each, drawn with seed 0",
             "half_class_counts": torch.bincount(test.labels[a]).tolist(),
             "jpeg": jpeg,

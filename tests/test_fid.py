@@ -331,6 +331,15 @@ def test_jpeg_settings_are_read_back_and_one_more_pass_changes_pixels(tmp_path):
     assert (finer.float() - x.float()).abs().mean() < change
 
 
+def test_sample_size_fit_recovers_distance_and_bias():
+    sizes = [(10000, 10000), (5000, 10000), (5000, 5000)]
+    rows = [{"samples": a, "reference": b, "value": 0.5 + 2e4 * (1 / a + 1 / b)} for a, b in sizes]
+    fit = _fid_floor().sample_size_fit(rows, n_test=10000, n_train=50000)
+    assert fit["distance"] == pytest.approx(0.5) and fit["c"] == pytest.approx(2e4)
+    assert fit["predicted"] == pytest.approx(0.5 + 2e4 * (1 / 10000 + 1 / 50000))
+    assert max(map(abs, fit["residuals"])) < 1e-9 and fit["predicted_at"] == [50000, 10000]
+
+
 def test_halves_take_half_of_every_class_at_random():
     labels = torch.tensor([0] * 4 + [1] * 6 + [2] * 10)
     a, b = _fid_floor().halves(labels)
@@ -362,6 +371,7 @@ def test_fid_floor_writes_a_record_that_the_tables_show(weights, tmp_path, monke
         ("test", "train", "test-again"), "computed"
     )
     assert all(v["images_per_s"] > 0 for v in m["feature_sets"].values())
+    assert len(m["sample_size_fit"]["residuals"]) == 3  # the three rows of untouched images
     assert m["jpeg"]["quality"] == 75 and 0 < m["jpeg"]["changed_pixel_fraction"] <= 1
     assert [(r["samples"], r["reference"]) for r in rec["rows"]] == [(8, 5), (4, 5), (4, 4), (2, 2)]
     assert rec["in_tables"] and rec["device"] == "cpu" and rec["profile"] is None
