@@ -568,9 +568,14 @@ def proxy_fd(classifier: nn.Module, samples: Tensor, reference: Tensor, device="
     return frechet_distance(proxy_features(classifier, samples, device), _REFERENCE_FEATURES[key])
 
 
+def count_label(n: int) -> str:
+    """A number of images as tables write it: 5000 -> "5k", 200 -> "200"."""
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
 def fid_label(samples: int) -> str:
     """How tables name an FID by its sample count: "FID (5k)", "FID (50k)", "FID (200)"."""
-    return f"FID ({samples // 1000}k)" if samples % 1000 == 0 else f"FID ({samples})"
+    return f"FID ({count_label(samples)})"
 
 
 CLASSIFIER_SEED = 0  # the classifier's seed, the same for every run (see get_classifier)

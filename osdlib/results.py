@@ -402,9 +402,14 @@ def compact_table(ours: list[dict], papers: list[dict]) -> str:
     its citation in short form.
     """
 
+    from .metrics import count_label
+
     def metric(r: dict) -> str:
+        m = r["metric"]
+        if r.get("reference"):  # a distance to a reference set whose size the row gives
+            m += f" against {count_label(r['reference'])}"
         data = short_dataset(r.get("dataset") or "")
-        return f"{r['metric']} on {data}" if data else r["metric"]
+        return f"{m} on {data}" if data else m
 
     paper_col = "  |" if papers else ""  # no paper column in a table without papers' numbers
     lines = [f"| model | NFE | metric | ours |{' paper |' if papers else ''}"]

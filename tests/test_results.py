@@ -234,6 +234,7 @@ def test_records_say_which_cpu_ran_them():
 
 def test_a_measurement_that_asks_for_it_follows_the_chapters_tables(tmp_path):
     rows = [results.row("real test images", "FID (10k)", 5.25, dataset="CIFAR-10 (JPEG copy)")]
+    rows[0] |= {"samples": 10000, "reference": 50000}
     rec = results.benchmark_record("FID floor", None, "cpu", {"fid": {"x": 5.25}}, 3700.0)
     bench = tmp_path / "benchmarks"
     bench.mkdir()
@@ -247,5 +248,5 @@ def test_a_measurement_that_asks_for_it_follows_the_chapters_tables(tmp_path):
     assert block.startswith("\nMeasurement: on `cpu`, commit ")
     assert "wall time 1 h 01 min" in block and "profile" not in block
     assert "[results/benchmarks/fid-floor-cpu.json](results/benchmarks/fid-floor-cpu.json)" in block
-    assert "| real test images |  | FID (10k) on CIFAR-10 | 5.25 |" in block
+    assert "| real test images |  | FID (10k) against 50k on CIFAR-10 | 5.25 |" in block
     assert "throughput" not in table and table.count("real test images") == 1
