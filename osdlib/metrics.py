@@ -906,6 +906,7 @@ __all__ = [
     "proxy_features",
     "proxy_fd",
     "fid_label",
+    "count_label",
     "inception_features",
     "inception_weights",
     "get_classifier",
