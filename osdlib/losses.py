@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -65,6 +66,17 @@ class LPIPS(torch.nn.Module):
             a, b = a.expand(-1, 3, -1, -1), b.expand(-1, 3, -1, -1)
         # torch-fidelity's LPIPS takes images in [0, 255]
         return self.net((a.clamp(-1, 1) + 1) * 127.5, (b.clamp(-1, 1) + 1) * 127.5).reshape(-1)
+
+
+def lpips_files() -> list[Path]:
+    """The weight files LPIPS loads from the torch hub cache, where the first use downloads
+    them: torch-fidelity's LPIPS heads and torchvision's VGG16 (copy them there to run
+    LPIPS on a machine without internet)."""
+    import torchvision
+    from torch_fidelity.sample_similarity_lpips import URL_VGG16_LPIPS
+
+    urls = (URL_VGG16_LPIPS, torchvision.models.VGG16_Weights.IMAGENET1K_V1.url)
+    return [Path(torch.hub.get_dir()) / "checkpoints" / u.rsplit("/", 1)[1] for u in urls]
 
 
 DISTANCES = ("l2", "pseudo_huber", "lpips")

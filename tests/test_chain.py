@@ -103,6 +103,39 @@ def test_preflight_asks_for_fid_weights_only_when_fid_runs(tmp_path, monkeypatch
     assert "missing.pth" in problem
 
 
+def test_preflight_asks_for_lpips_weights_only_where_a_chapter_trains_with_lpips(
+    tmp_path, monkeypatch, capsys
+):
+    from osdlib import data as data_mod
+    from osdlib import losses
+
+    run_chapters = _script()
+    data = _fixture(tmp_path / "train", per_class=1)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache
+    monkeypatch.setattr(data_mod, "online", lambda *a, **k: False)
+    files = losses.lpips_files()
+    assert [f.name for f in files] == ["weights-vgg16-lpips.pth", "vgg16-397923af.pth"]
+    assert all(f.parent == tmp_path / "torch" / "hub" / "checkpoints" for f in files)
+    (problem,) = run_chapters.preflight("paper", str(data), fid=False, lpips=True)
+    assert all(f.name in problem for f in files) and '"distance": "pseudo_huber"' in problem
+    assert run_chapters.preflight("paper", str(data), fid=False, lpips=False) == []
+    # the whole run stops before any chapter: chapter 01 at paper distils with LPIPS
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"")
+    monkeypatch.setenv("OSD_INCEPTION_WEIGHTS", str(weights))
+    argv = ["--profile", "paper", "--chapters", "01", "--data-root", str(data)]
+    assert run_chapters.main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert "LPIPS distance needs" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    files[0].parent.mkdir(parents=True)
+    for f in files:  # copied from a machine with internet
+        f.write_bytes(b"")
+    assert run_chapters.preflight("paper", str(data), fid=False, lpips=True) == []
+    monkeypatch.setattr(data_mod, "online", lambda *a, **k: True)  # or downloadable
+    files[0].unlink()
+    assert run_chapters.preflight("paper", str(data), fid=False, lpips=True) == []
+
+
 @pytest.mark.parametrize("profile", ["gpu", "paper"])
 def test_a_dry_run_is_small_at_every_profile(profile):
     # the dry run must stay minutes on a CPU whatever the profile's sizes: the paper profile's
