@@ -174,8 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     test = data.load("cifar10", root=root / "train", split="test")
     train = data.load("cifar10", root=root / "train")
     n_train = min(args.train_size or len(train), len(train))
-    # the same subset as metrics.fid(..., reference_size=n_train) takes
-    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n_train]
+    pick = metrics.reference_subset(len(train), n_train)  # as fid(..., reference_size=n_train)
     weights = metrics.inception_weights(args.weights)
 
     f_test = features("test", test.images, weights, args)
@@ -225,8 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
             "n_test": len(test),
             "n_train": n_train,
             "n_train_total": len(train),
-            "train_subset": "torch.randperm(seed 0), the first n_train (as metrics.fid's "
-            "reference_size)",
+            "train_subset": "metrics.reference_subset (as fid's reference_size)",
             "sample_size_fit": bias,
             "test_halves": "half of every class each, drawn with seed 0",
             "half_class_counts": torch.bincount(test.labels[a]).tolist(),

@@ -51,11 +51,13 @@ class LPIPS(torch.nn.Module):
         try:
             self.net = SampleSimilarityLPIPS("lpips-vgg16", sample_similarity_resize=224)
         except OSError as err:  # a failed download (URLError) is an OSError
+            files = lpips_files()
             raise RuntimeError(
                 f"LPIPS needs its weights, downloaded on first use, and the download failed "
-                f"({err}). Run once where the internet is reachable (the files go to "
-                f"{torch.hub.get_dir()}/checkpoints, which can be copied), or choose another "
-                f"distance: {', '.join(d for d in DISTANCES if d != 'lpips')}."
+                f"({err}). Run once where the internet is reachable (the files, "
+                f"{', '.join(f.name for f in files)}, go to {files[0].parent}, from where they "
+                f"can be copied), or choose another distance: "
+                f"{', '.join(d for d in DISTANCES if d != 'lpips')}."
             ) from err
         self.requires_grad_(False)
 

@@ -385,6 +385,12 @@ def full_float32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
+def reference_subset(total: int, size: int) -> Tensor:
+    """The indices of the fixed random subset of ``size`` of ``total`` reference images that
+    :func:`fid` takes for ``reference_size=size`` (seed 0, the same on every machine)."""
+    return torch.randperm(total, generator=torch.Generator().manual_seed(0))[:size]
+
+
 def fid(
     samples: Tensor,
     reference: ImageData | Tensor | str,
@@ -417,8 +423,7 @@ def fid(
     if isinstance(reference, ImageData):
         images = reference.images
         if reference_size is not None and reference_size < len(images):
-            pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-            images = images[pick[:reference_size]]
+            images = images[reference_subset(len(images), reference_size)]
         if cache_name is None:
             tag = hashlib.sha1(f"{reference.source}|{len(reference)}".encode()).hexdigest()[:8]
             cache_name = f"osd-{reference.name}-{len(images)}-{tag}"
@@ -909,6 +914,7 @@ __all__ = [
     "count_label",
     "inception_features",
     "inception_weights",
+    "reference_subset",
     "get_classifier",
     "sliced_wasserstein",
     "energy_distance",
