@@ -114,6 +114,8 @@ CHAPTERS = (
     "distilled_decoding",
     "frontier",
 )
+# the chapters that load chapter 00's teacher (teachers.get_teacher) instead of training one
+TEACHER_USERS = ("rectified_flow", "consistency", "score_distillation", "dmd2", "reno")
 
 
 def chapter_rank(chapter: str) -> int:
@@ -431,6 +433,35 @@ def compact_table(ours: list[dict], papers: list[dict]) -> str:
     return "\n".join(lines) + "\n" + "".join(f"\n{r}\n" for r in remarks)
 
 
+def budget_line(run: list[dict], papers: list[dict], records: list[dict]) -> str:
+    """Training budgets next to a table with papers' numbers: this run's wall time on its
+    device (with the chapter-00 teacher's training time when the chapter loads it), then each
+    paper's budget as stated in ``papers.json``; "" when no paper there states one."""
+    stated: dict[tuple, str] = {}  # one entry per paper and budget, named by its first model
+    for p in (p for p in papers if p.get("budget")):
+        cite = cite_short(p["source"])[0]
+        stated.setdefault((cite, p["budget"]), f"{p['model']} ({cite}): {p['budget']}")
+    if not stated:
+        return ""
+    rec = run[0]
+    ours = f"this run, {wall_text(rec.get('wall_s'))} on `{rec['device']}`"
+    teacher = next(
+        (
+            r["metrics"]["teacher_train_wall_s"]
+            for r in records
+            if r["chapter"] == "foundations"
+            and (r["profile"], r["device"], r.get("seed")) == (rec["profile"], rec["device"], 0)
+            and "teacher_train_wall_s" in r.get("metrics", {})
+        ),
+        None,
+    )
+    if rec["chapter"] == "foundations" and teacher is not None:
+        ours += f" ({wall_text(teacher)} of it training the teacher)"
+    elif teacher is not None and rec["chapter"] in TEACHER_USERS:
+        ours += f", plus {wall_text(teacher)} training chapter 00's teacher"
+    return "Training budgets: " + "; ".join([ours, *stated.values()]) + "."
+
+
 def _profile_key(rec: dict) -> tuple:
     p = rec.get("profile", "")
     return (PROFILES.index(p) if p in PROFILES else len(PROFILES), p, rec.get("device", ""))
@@ -466,7 +497,9 @@ def markdown_table(root: str | Path | None = None, link_prefix: str | None = Non
             ]
             theirs[same[0] if same else -1].append(p)
         blocks = [
-            f"{provenance(run[0], link_prefix, run[1:])}\n\n" + compact_table(pool_rows(run), pp)
+            f"{provenance(run[0], link_prefix, run[1:])}\n\n"
+            + compact_table(pool_rows(run), pp)
+            + (f"\n{line}\n" if (line := budget_line(run, pp, records)) else "")
             for run, pp in zip(runs, theirs)
         ]
         if not runs:

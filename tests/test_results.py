@@ -250,3 +250,30 @@ def test_a_measurement_that_asks_for_it_follows_the_chapters_tables(tmp_path):
     assert "[results/benchmarks/fid-floor-cpu.json](results/benchmarks/fid-floor-cpu.json)" in block
     assert "| real test images |  | FID (10k) against 50k on CIFAR-10 | 5.25 |" in block
     assert "throughput" not in table and table.count("real test images") == 1
+
+
+def test_tables_with_papers_numbers_give_both_training_budgets():
+    ours = {"chapter": "consistency", "profile": "gpu", "device": "nvidia-h100", "wall_s": 64}
+    ch00 = {"chapter": "foundations", "profile": "gpu", "device": "nvidia-h100", "seed": 0}
+    ch00["metrics"] = {"teacher_train_wall_s": 89.3}
+    ect = {"model": "ECT", "source": "Geng et al. 2025 (ECT)", "budget": "one A100, 1 hour"}
+    papers = [ect, ect | {"model": "ECT, 2 steps"}, {"model": "CT", "source": "Song (CT)"}]
+    line = results.budget_line([ours | {"seed": 0}], papers, [ch00])
+    assert line == (
+        "Training budgets: this run, 1 min 04 s on `nvidia-h100`, plus 1 min 29 s training "
+        "chapter 00's teacher; ECT (Geng et al. 2025, ECT): one A100, 1 hour."
+    )  # one entry per paper and budget; a paper without a budget is left out
+    own = results.budget_line([ch00 | {"wall_s": 214}], papers, [ch00])
+    assert "3 min 34 s on `nvidia-h100` (1 min 29 s of it training the teacher)" in own
+    other_device = results.budget_line([ours | {"device": "cpu"}], papers, [ch00])
+    assert "teacher" not in other_device.split(";")[0]  # chapter 00 ran elsewhere: not added
+    assert results.budget_line([ours], papers[2:], [ch00]) == ""  # no budget stated: no line
+
+
+def test_the_chapters_said_to_load_the_teacher_are_the_ones_that_do():
+    users = {
+        results.CHAPTERS[int(p.name[:2])]
+        for p in (ROOT / "notebooks").glob("0*.ipynb")
+        if "teachers.get_teacher(" in p.read_text() and not p.name.startswith("00")
+    }
+    assert users == set(results.TEACHER_USERS)
