@@ -447,6 +447,7 @@ def fid(
     )
     if path is not None:
         kwargs["feature_extractor_weights_path"] = str(path)
+    start = time.perf_counter()
     try:
         with full_float32():  # the protocol's float32 Inception, also where a profile set TF32
             out = torch_fidelity.calculate_metrics(**kwargs)
@@ -459,6 +460,7 @@ def fid(
             "tried to download its own; if that is what failed (no internet), prepare them "
             "offline instead.\n" + _offline_help()
         ) from err
+    note_fid_time(time.perf_counter() - start, len(samples), device)  # for fid_in_time
     return float(out["frechet_inception_distance"])
 
 
@@ -620,9 +622,45 @@ def get_classifier(
 
 
 # The chapter chain (scripts/run_chapters.py) stops a chapter at its time budget and sets
-# $OSD_DEADLINE to that moment (a Unix time). An evaluation this close to it leaves FID out
-# (the row says so) rather than have the chapter stopped before it writes its record.
+# $OSD_DEADLINE to that moment (a Unix time). An evaluation too close to it leaves FID out
+# (the row says so) rather than have the chapter stopped before it writes its record. How
+# close is too close comes from the last FID timed on this device (fid() notes it in the
+# cache, so a chain's later chapters use chapter 00's): 1.5 times that FID, scaled to the
+# number of samples, plus FID_TAIL_S for what a chapter does after its evaluation (at most
+# 3 s in a GPU chain run, measured); FID_RESERVE_S before any FID was timed.
 FID_RESERVE_S = 25.0
+FID_TAIL_S = 5.0
+
+
+def _fid_timing_file() -> Path:
+    return fid_cache_dir() / "timing.json"
+
+
+def note_fid_time(seconds: float, samples: int, device: str | torch.device) -> None:
+    """Keep how long an FID of ``samples`` images took on ``device`` (the latest per device)."""
+    from .results import device_name
+
+    path = _fid_timing_file()
+    try:
+        timings = json.loads(path.read_text())
+    except (OSError, ValueError):
+        timings = {}
+    timings[device_name(device)] = {"seconds": round(seconds, 3), "samples": samples}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(timings, indent=1))
+
+
+def fid_seconds(samples: int, device: str | torch.device | None = None) -> float | None:
+    """The expected time of an FID of ``samples`` images on ``device`` (default: the GPU when
+    there is one), from the last one timed there; None when none was."""
+    from .results import device_name
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        timed = json.loads(_fid_timing_file().read_text())[device_name(device)]
+    except (OSError, ValueError, KeyError):
+        return None
+    return timed["seconds"] * samples / max(timed["samples"], 1)
 
 
 def time_left() -> float | None:
@@ -632,10 +670,16 @@ def time_left() -> float | None:
     return float(value) - time.time() if value else None
 
 
-def fid_in_time() -> bool:
+def fid_reserve_s(samples: int = 5000, device: str | torch.device | None = None) -> float:
+    """The seconds an FID of ``samples`` images needs before the chapter's deadline."""
+    expected = fid_seconds(samples, device)
+    return FID_RESERVE_S if expected is None else FID_TAIL_S + 1.5 * expected
+
+
+def fid_in_time(samples: int = 5000, device: str | torch.device | None = None) -> bool:
     """Whether there is time for an FID before the chapter's deadline (always, without one)."""
     left = time_left()
-    return left is None or left >= FID_RESERVE_S
+    return left is None or left >= fid_reserve_s(samples, device)
 
 
 class ImageEval:
@@ -710,9 +754,15 @@ class ImageEval:
             "proxy_fd": proxy_fd(self.classifier, x, self.real, self.device),
             "within_class_std": within_class_std(x, self.labels),
         }
-        if self.fid and not fid_in_time():
-            row["fid_skipped"] = f"{max(time_left(), 0):.0f} s before the chapter's deadline"
-            print(f"FID of {extra.get('model', 'this row')} skipped: {row['fid_skipped']}")
+        if self.fid and not fid_in_time(len(x), self.device):
+            row["fid_skipped"] = (
+                f"{max(time_left(), 0):.0f} s before the chapter's deadline, "
+                f"{fid_reserve_s(len(x), self.device):.0f} s needed"
+            )
+            what = extra.get("model", "this row") + (
+                f" at NFE {extra['nfe']}" if "nfe" in extra else ""
+            )
+            print(f"FID of {what} skipped: {row['fid_skipped']}")
         elif self.fid:  # standard FID against the training set, on the same samples
             row["fid"] = fid(
                 x,

@@ -189,12 +189,14 @@ def test_image_eval_rows_and_grid():
     assert len(grid) == 20 and (ev.labels[ev.show] == torch.arange(10).repeat_interleave(2)).all()
 
 
-def test_image_eval_leaves_fid_out_close_to_the_chapters_deadline(monkeypatch):
+def test_image_eval_leaves_fid_out_close_to_the_chapters_deadline(monkeypatch, tmp_path):
     """The chapter chain sets $OSD_DEADLINE; an evaluation within FID_RESERVE_S of it skips
     FID (and says so in the row) so that the chapter still writes its record."""
     import time
 
     from osdlib import data, nets
+
+    monkeypatch.setenv("OSD_CACHE_DIR", str(tmp_path))  # no FID timed yet
 
     images = data.digits()
     clf = nets.SmallClassifier(1, 10, width=8).eval()
@@ -233,3 +235,44 @@ def test_pooled_equals_the_statistics_of_all_values():
     assert n == 7
     assert mean == pytest.approx(np.mean(values)) and std == pytest.approx(np.std(values, ddof=1))
     assert metrics.pooled([(1, 2.0, None)]) == (1, 2.0, None)
+
+
+def test_the_fid_reserve_follows_the_last_fid_timed_on_the_device(monkeypatch, tmp_path, capsys):
+    """fid() notes how long it took; a chapter close to its deadline then needs 1.5 times
+    that (scaled to its number of samples) plus FID_TAIL_S, not the fixed FID_RESERVE_S."""
+    import time
+
+    from osdlib import data, nets
+
+    monkeypatch.setenv("OSD_CACHE_DIR", str(tmp_path))
+    assert metrics.fid_seconds(5000, "cpu") is None
+    assert metrics.fid_reserve_s(5000, "cpu") == metrics.FID_RESERVE_S
+    metrics.note_fid_time(4.0, 5000, "cpu")
+    assert metrics.fid_seconds(10000, "cpu") == pytest.approx(8.0)
+    assert metrics.fid_reserve_s(5000, "cpu") == pytest.approx(metrics.FID_TAIL_S + 6.0)
+    images = data.digits()
+    ev = metrics.ImageEval(images, nets.SmallClassifier(1, 10, width=8).eval(), n=20, fid=True)
+    monkeypatch.setattr(metrics, "fid", lambda *a, **k: 12.5)
+    monkeypatch.setenv("OSD_DEADLINE", str(time.time() + 8))  # enough for a 20-image FID
+    assert ev(images.float_images()[:20], model="m")["fid"] == 12.5
+    monkeypatch.setenv("OSD_DEADLINE", str(time.time() + 2))  # less than FID_TAIL_S
+    row = ev(images.float_images()[:20], model="m", nfe=4)
+    assert "fid" not in row and "5 s needed" in row["fid_skipped"]
+    assert "FID of m at NFE 4 skipped" in capsys.readouterr().out
+
+
+def test_fid_notes_its_time(monkeypatch, tmp_path):
+    import json
+    import sys
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("OSD_CACHE_DIR", str(tmp_path))
+    result = {"frechet_inception_distance": 1.0}
+    monkeypatch.setitem(
+        sys.modules, "torch_fidelity", SimpleNamespace(calculate_metrics=lambda **k: result)
+    )
+    monkeypatch.setattr(metrics, "inception_weights", lambda path: None)
+    x = torch.zeros(7, 3, 8, 8, dtype=torch.uint8)
+    assert metrics.fid(x, x) == 1.0
+    timed = json.loads((tmp_path / "fid" / "timing.json").read_text())["cpu"]
+    assert timed["samples"] == 7 and timed["seconds"] >= 0
