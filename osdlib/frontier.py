@@ -31,7 +31,7 @@ IMAGE_MODELS: dict[str, list[tuple[str, str, str]]] = {
         ("2-RF distilled, k=1", "2-RF distilled, 1 step", "rectified flow"),
         ("2-RF distilled, k=2", "2-RF distilled, 2 steps", "rectified flow"),
         ("2-RF distilled, k=4", "2-RF distilled, 4 steps", "rectified flow"),
-        ("SlimFlow: flow-guided, k=1", "SlimFlow (5.7x smaller net)", "rectified flow"),
+        ("SlimFlow: flow-guided, k=1", "SlimFlow (smaller net)", "rectified flow"),
     ],
     "consistency": [
         ("ECT (from the teacher)", "ECT", "consistency"),
@@ -285,11 +285,23 @@ MARKERS = "os^DvP*Xh<>"
 CURVES = ("flow teacher, Euler", "2-RF (reflow)")  # flows sampled at many NFE: drawn as lines
 
 
+def quality_metric(rows: list[dict]) -> tuple[str, str]:
+    """The quality measure to plot a run's rows by, and its axis label: FID where a generator
+    other than the teacher flows has one (a run whose chain skipped the students' FIDs
+    would otherwise show the teacher alone), else proxy-FD."""
+    from .metrics import PROXY_NAME
+
+    if any(r.get("fid") is not None for r in rows if r["model"] not in CURVES):
+        return "fid", "FID (standard, see the chapter's record)"
+    return "proxy_fd", PROXY_NAME
+
+
 def plot(rows: list[dict], key: str, label: str):
     """Quality ``key`` of every image generator against NFE (left) and against ms per image
     (right), log-log: the teacher and 2-RF as lines over their NFE, every other model as
     points, coloured by family. A row without ``key`` (e.g. a row whose FID was not
-    computed) or without the x value is left out of that panel."""
+    computed) or without the x value is left out of that panel, and a model with no point
+    left out of the legend."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.0))
@@ -314,6 +326,8 @@ def plot(rows: list[dict], key: str, label: str):
     ):
         for name, c in zip(CURVES, ("0.45", "C0")):
             curve = points(name, xkey)
+            if not curve:  # nothing to draw: no line, and no entry in the legend
+                continue
             ax.plot(
                 [r[xkey] for r in curve],
                 [r[key] for r in curve],
@@ -325,6 +339,8 @@ def plot(rows: list[dict], key: str, label: str):
             )
         for m in models:
             pts = points(m, xkey)
+            if not pts:
+                continue
             c, mk = style[m]
             ax.scatter(
                 [r[xkey] for r in pts],

@@ -142,3 +142,20 @@ def test_plot_leaves_out_rows_without_the_metric():
         assert list(lines["2-RF (reflow) (line)"].get_ydata()) == [30.0]
         (ect,) = [c for c in ax.collections if c.get_label() == "ECT"]
         assert len(ect.get_offsets()) == 1
+
+
+def test_a_run_whose_students_lack_fid_is_plotted_by_proxy_fd_without_empty_legend_entries():
+    """A gpu chain that skipped the students' FIDs (only the teacher has them) is plotted
+    by proxy-FD, and a model with no point of the plotted metric gets no legend entry."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    teacher = {"model": "flow teacher, Euler", "family": "teacher", "proxy_fd": 400.0}
+    rows = [teacher | {"nfe": 1, "fid": 350.0}, teacher | {"nfe": 2, "fid": 220.0}]
+    rows += [{"model": "ECT", "family": "consistency", "nfe": 1, "proxy_fd": 70.0}]
+    assert frontier.quality_metric(rows)[0] == "proxy_fd"
+    assert frontier.quality_metric(rows + [rows[2] | {"fid": 60.0}])[0] == "fid"
+    for r in rows:
+        r["ms_per_image"] = 0.05 * r["nfe"]
+    labels = [t.get_text() for t in frontier.plot(rows, "fid", "FID").legends[0].get_texts()]
+    assert labels == ["flow teacher, Euler (line)"]  # no ECT, no empty 2-RF line
