@@ -1,12 +1,15 @@
 """Structure of the chapters: in the TOC, parameterised, committed executed without errors."""
 
 import json
+import re
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+# chapters as a GPU run executed them at the gpu profile (pages of the book, not re-run)
+GPU_RUNS = sorted((ROOT / "gpu").glob("*.ipynb"))
 
 
 def _toc_files(node):
@@ -24,13 +27,14 @@ def test_every_notebook_is_in_the_toc_and_back():
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
     files = set(_toc_files(toc)) | {toc["root"]}
     nb_files = {f"notebooks/{p.stem}" for p in NOTEBOOKS}
+    nb_files |= {f"gpu/{p.stem}" for p in GPU_RUNS}
     assert nb_files and nb_files <= files
     for f in files:
         assert list(ROOT.glob(f + ".*")), f"TOC entry {f} has no file"
 
 
 def test_notebooks_are_parameterised_executed_and_clean():
-    for p in NOTEBOOKS:
+    for p in NOTEBOOKS + GPU_RUNS:
         nb = json.loads(p.read_text())
         code = [c for c in nb["cells"] if c["cell_type"] == "code" and "".join(c["source"]).strip()]
         params = [c for c in code if "parameters" in c["metadata"].get("tags", [])]
@@ -57,10 +61,8 @@ def test_notebooks_are_parameterised_executed_and_clean():
 def test_chapters_open_as_a_reader_expects():
     """Title first, the install cell and the settings table collapsed, no progress bars in
     the stored outputs (they are for interactive runs: OSD_PROGRESS=0 in make reproduce)."""
-    import re
-
     bar = re.compile(r"\d+/\d+ \[[0-9:]+<[0-9:?]+|it/s\]|s/it\]")
-    for p in NOTEBOOKS:
+    for p in NOTEBOOKS + GPU_RUNS:
         nb = json.loads(p.read_text())
         first = nb["cells"][0]
         assert first["cell_type"] == "markdown" and "".join(first["source"]).startswith("# "), (
@@ -79,3 +81,28 @@ def test_chapters_open_as_a_reader_expects():
             for o in c["outputs"]:
                 text = "".join(o.get("text", ""))
                 assert not bar.search(text), f"{p.name}: a progress bar in a stored output"
+
+
+def test_gpu_runs_are_the_chapters_at_gpu_with_their_records():
+    """Each page of gpu/ is a chapter of notebooks/ executed at the gpu profile: it says
+    so at the top, its settings table shows the profile, and its record is committed."""
+    from osdlib import results
+
+    assert GPU_RUNS, "no GPU run committed"
+    for p in GPU_RUNS:
+        assert (ROOT / "notebooks" / p.name).exists(), f"{p.name}: no such chapter"
+        nb = json.loads(p.read_text())
+        note = "".join(nb["cells"][1]["source"])
+        assert nb["cells"][1]["cell_type"] == "markdown" and "`gpu` profile" in note, p.name
+        text = "".join(  # printed lines, and the plain text of displayed tables
+            "".join(o.get("text", "") or o.get("data", {}).get("text/plain", ""))
+            for c in nb["cells"]
+            if c["cell_type"] == "code"
+            for o in c["outputs"]
+        )
+        device = re.search(r"device: (nvidia-[\w-]+)", text).group(1)
+        assert re.search(r"\bprofile +gpu\b", text), f"{p.name}: not executed at gpu"
+        chapter = results.CHAPTERS[int(p.name[:2])]
+        record = ROOT / "results" / chapter / f"gpu-{device}.json"
+        assert record.exists(), f"{p.name}: its record {record.name} is not committed"
+        assert f"results/{chapter}/gpu-{device}.json" in note, f"{p.name}: note names its record"
