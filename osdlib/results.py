@@ -458,7 +458,7 @@ def budget_line(run: list[dict], papers: list[dict], records: list[dict]) -> str
     if rec["chapter"] == "foundations" and teacher is not None:
         ours += f" ({wall_text(teacher)} of it training the teacher)"
     elif teacher is not None and rec["chapter"] in TEACHER_USERS:
-        ours += f", plus {wall_text(teacher)} training chapter 00's teacher"
+        ours += f", plus chapter 00's teacher ({wall_text(teacher)} of training in its record)"
     return "Training budgets: " + "; ".join([ours, *stated.values()]) + "."
 
 

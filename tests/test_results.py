@@ -260,8 +260,8 @@ def test_tables_with_papers_numbers_give_both_training_budgets():
     papers = [ect, ect | {"model": "ECT, 2 steps"}, {"model": "CT", "source": "Song (CT)"}]
     line = results.budget_line([ours | {"seed": 0}], papers, [ch00])
     assert line == (
-        "Training budgets: this run, 1 min 04 s on `nvidia-h100`, plus 1 min 29 s training "
-        "chapter 00's teacher; ECT (Geng et al. 2025, ECT): one A100, 1 hour."
+        "Training budgets: this run, 1 min 04 s on `nvidia-h100`, plus chapter 00's teacher "
+        "(1 min 29 s of training in its record); ECT (Geng et al. 2025, ECT): one A100, 1 hour."
     )  # one entry per paper and budget; a paper without a budget is left out
     own = results.budget_line([ch00 | {"wall_s": 214}], papers, [ch00])
     assert "3 min 34 s on `nvidia-h100` (1 min 29 s of it training the teacher)" in own
