@@ -283,15 +283,16 @@ FAMILY_COLOR = {
 }
 MARKERS = "os^DvP*Xh<>"
 CURVES = ("flow teacher, Euler", "2-RF (reflow)")  # flows sampled at many NFE: drawn as lines
+TEACHERS = ("flow teacher, Euler", "AR teacher (token by token)")  # the rest are generators
 
 
 def quality_metric(rows: list[dict]) -> tuple[str, str]:
     """The quality measure to plot a run's rows by, and its axis label: FID where a generator
-    other than the teacher flows has one (a run whose chain skipped the students' FIDs
-    would otherwise show the teacher alone), else proxy-FD."""
+    other than the teachers has one (a run whose chain skipped the students' FIDs would
+    otherwise show the teacher alone), else proxy-FD."""
     from .metrics import PROXY_NAME
 
-    if any(r.get("fid") is not None for r in rows if r["model"] not in CURVES):
+    if any(r.get("fid") is not None for r in rows if r["model"] not in TEACHERS):
         return "fid", "FID (standard, see the chapter's record)"
     return "proxy_fd", PROXY_NAME
 

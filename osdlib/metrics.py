@@ -74,8 +74,9 @@ _PREPARE_HINT = "python -m osdlib.metrics --prepare-weights"
 def fid_cache_dir() -> Path:
     """``$OSD_CACHE_DIR/fid``: converted Inception weights, the reference statistics of
     :func:`fid` in ``stats/<weights file name>/`` (torch-fidelity's cache files,
-    ``<cache_name>-inception-v3-compat-stat-fid-2048.pt``), and measurements' features of
-    whole sets in ``features/``."""
+    ``<cache_name>-inception-v3-compat-stat-fid-2048.pt``), measurements' features of
+    whole sets in ``features/``, and the time of the last FID per device (``timing.json``,
+    for :func:`fid_in_time`)."""
     from .teachers import cache_dir
 
     return cache_dir() / "fid"
@@ -447,6 +448,12 @@ def fid(
     )
     if path is not None:
         kwargs["feature_extractor_weights_path"] = str(path)
+    stats_dir = Path(kwargs["cache_root"])
+    timed = (  # the samples' time only: Inception, reference statistics already cached
+        feature_extractor == INCEPTION_EXTRACTOR
+        and cache_name is not None
+        and any(stats_dir.glob(f"{cache_name}-*"))
+    )
     start = time.perf_counter()
     try:
         with full_float32():  # the protocol's float32 Inception, also where a profile set TF32
@@ -460,7 +467,8 @@ def fid(
             "tried to download its own; if that is what failed (no internet), prepare them "
             "offline instead.\n" + _offline_help()
         ) from err
-    note_fid_time(time.perf_counter() - start, len(samples), device)  # for fid_in_time
+    if timed:  # for fid_in_time
+        note_fid_time(time.perf_counter() - start, len(samples), device)
     return float(out["frechet_inception_distance"])
 
 
@@ -625,9 +633,11 @@ def get_classifier(
 # $OSD_DEADLINE to that moment (a Unix time). An evaluation too close to it leaves FID out
 # (the row says so) rather than have the chapter stopped before it writes its record. How
 # close is too close comes from the last FID timed on this device (fid() notes it in the
-# cache, so a chain's later chapters use chapter 00's): 1.5 times that FID, scaled to the
-# number of samples, plus FID_TAIL_S for what a chapter does after its evaluation (at most
-# 3 s in a GPU chain run, measured); FID_RESERVE_S before any FID was timed.
+# cache, so a chain's later chapters use chapter 00's; only an Inception FID whose reference
+# statistics were cached, so that the time is the samples'): 1.5 times that FID, scaled up
+# to a larger number of samples (never down), plus FID_TAIL_S for what a chapter does after
+# its evaluation (at most 3 s per chapter in the H200 chain run); FID_RESERVE_S before any
+# FID was timed.
 FID_RESERVE_S = 25.0
 FID_TAIL_S = 5.0
 
@@ -637,7 +647,8 @@ def _fid_timing_file() -> Path:
 
 
 def note_fid_time(seconds: float, samples: int, device: str | torch.device) -> None:
-    """Keep how long an FID of ``samples`` images took on ``device`` (the latest per device)."""
+    """Keep how long an FID of ``samples`` images took on ``device`` (the latest per device).
+    Best effort: a cache that cannot be written leaves the reserve at its default."""
     from .results import device_name
 
     path = _fid_timing_file()
@@ -645,9 +656,16 @@ def note_fid_time(seconds: float, samples: int, device: str | torch.device) -> N
         timings = json.loads(path.read_text())
     except (OSError, ValueError):
         timings = {}
+    if not isinstance(timings, dict):
+        timings = {}
     timings[device_name(device)] = {"seconds": round(seconds, 3), "samples": samples}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(timings, indent=1))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(timings, indent=1))
+        os.replace(tmp, path)  # a chapter reading it never sees half a file
+    except OSError:
+        pass
 
 
 def fid_seconds(samples: int, device: str | torch.device | None = None) -> float | None:
@@ -658,9 +676,11 @@ def fid_seconds(samples: int, device: str | torch.device | None = None) -> float
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         timed = json.loads(_fid_timing_file().read_text())[device_name(device)]
-    except (OSError, ValueError, KeyError):
+        seconds, timed_samples = float(timed["seconds"]), int(timed["samples"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    return timed["seconds"] * samples / max(timed["samples"], 1)
+    # part of an FID's time does not shrink with fewer samples: scale up, never down
+    return seconds * max(1.0, samples / max(timed_samples, 1))
 
 
 def time_left() -> float | None:

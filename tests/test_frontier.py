@@ -155,6 +155,10 @@ def test_a_run_whose_students_lack_fid_is_plotted_by_proxy_fd_without_empty_lege
     rows += [{"model": "ECT", "family": "consistency", "nfe": 1, "proxy_fd": 70.0}]
     assert frontier.quality_metric(rows)[0] == "proxy_fd"
     assert frontier.quality_metric(rows + [rows[2] | {"fid": 60.0}])[0] == "fid"
+    reflow = {"model": "2-RF (reflow)", "family": "rectified flow", "nfe": 1, "fid": 90.0}
+    assert frontier.quality_metric(rows + [reflow])[0] == "fid"  # a student, drawn as a line
+    ar = {"model": "AR teacher (token by token)", "family": "autoregressive", "fid": 9.0}
+    assert frontier.quality_metric(rows + [ar])[0] == "proxy_fd"  # another teacher
     for r in rows:
         r["ms_per_image"] = 0.05 * r["nfe"]
     labels = [t.get_text() for t in frontier.plot(rows, "fid", "FID").legends[0].get_texts()]

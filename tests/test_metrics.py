@@ -239,7 +239,7 @@ def test_pooled_equals_the_statistics_of_all_values():
 
 def test_the_fid_reserve_follows_the_last_fid_timed_on_the_device(monkeypatch, tmp_path, capsys):
     """fid() notes how long it took; a chapter close to its deadline then needs 1.5 times
-    that (scaled to its number of samples) plus FID_TAIL_S, not the fixed FID_RESERVE_S."""
+    that (scaled up to more samples, never down) plus FID_TAIL_S, not FID_RESERVE_S."""
     import time
 
     from osdlib import data, nets
@@ -249,30 +249,52 @@ def test_the_fid_reserve_follows_the_last_fid_timed_on_the_device(monkeypatch, t
     assert metrics.fid_reserve_s(5000, "cpu") == metrics.FID_RESERVE_S
     metrics.note_fid_time(4.0, 5000, "cpu")
     assert metrics.fid_seconds(10000, "cpu") == pytest.approx(8.0)
+    assert metrics.fid_seconds(20, "cpu") == pytest.approx(4.0)  # fixed costs stay
     assert metrics.fid_reserve_s(5000, "cpu") == pytest.approx(metrics.FID_TAIL_S + 6.0)
     images = data.digits()
     ev = metrics.ImageEval(images, nets.SmallClassifier(1, 10, width=8).eval(), n=20, fid=True)
     monkeypatch.setattr(metrics, "fid", lambda *a, **k: 12.5)
-    monkeypatch.setenv("OSD_DEADLINE", str(time.time() + 8))  # enough for a 20-image FID
+    monkeypatch.setenv("OSD_DEADLINE", str(time.time() + 13))  # more than the 11 s needed
     assert ev(images.float_images()[:20], model="m")["fid"] == 12.5
-    monkeypatch.setenv("OSD_DEADLINE", str(time.time() + 2))  # less than FID_TAIL_S
+    monkeypatch.setenv("OSD_DEADLINE", str(time.time() + 9))
     row = ev(images.float_images()[:20], model="m", nfe=4)
-    assert "fid" not in row and "5 s needed" in row["fid_skipped"]
+    assert "fid" not in row and "11 s needed" in row["fid_skipped"]
     assert "FID of m at NFE 4 skipped" in capsys.readouterr().out
+    (tmp_path / "fid" / "timing.json").write_text("[]")  # not ours: the default again
+    assert metrics.fid_reserve_s(5000, "cpu") == metrics.FID_RESERVE_S
 
 
-def test_fid_notes_its_time(monkeypatch, tmp_path):
+def test_fid_notes_the_time_of_its_samples_only(monkeypatch, tmp_path):
+    """Timed: an Inception FID whose reference statistics were cached (the first call, which
+    computes them, is not); not timed: another feature extractor. A cache that cannot be
+    written does not cost the FID."""
     import json
     import sys
+    import time
+    from pathlib import Path
     from types import SimpleNamespace
 
+    def calculate_metrics(**k):  # writes the reference statistics as torch-fidelity does
+        time.sleep(0.05)
+        root = Path(k["cache_root"])
+        root.mkdir(parents=True, exist_ok=True)
+        (root / f"{k['input2_cache_name']}-inception-v3-compat-stat-fid-2048.pt").touch()
+        return {"frechet_inception_distance": 1.0}
+
     monkeypatch.setenv("OSD_CACHE_DIR", str(tmp_path))
-    result = {"frechet_inception_distance": 1.0}
-    monkeypatch.setitem(
-        sys.modules, "torch_fidelity", SimpleNamespace(calculate_metrics=lambda **k: result)
-    )
+    fake = SimpleNamespace(calculate_metrics=calculate_metrics)
+    monkeypatch.setitem(sys.modules, "torch_fidelity", fake)
     monkeypatch.setattr(metrics, "inception_weights", lambda path: None)
     x = torch.zeros(7, 3, 8, 8, dtype=torch.uint8)
-    assert metrics.fid(x, x) == 1.0
-    timed = json.loads((tmp_path / "fid" / "timing.json").read_text())["cpu"]
-    assert timed["samples"] == 7 and timed["seconds"] >= 0
+    timing = tmp_path / "fid" / "timing.json"
+    assert metrics.fid(x, x, cache_name="ref") == 1.0 and not timing.exists()
+    assert metrics.fid(x, x, cache_name="ref") == 1.0
+    timed = json.loads(timing.read_text())["cpu"]
+    assert timed["samples"] == 7 and timed["seconds"] >= 0.05
+    timing.unlink()
+    metrics.fid(x, x, cache_name="ref", feature_extractor="clip-vit-b-32")
+    assert not timing.exists()
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("OSD_CACHE_DIR", str(blocked))
+    metrics.note_fid_time(1.0, 7, "cpu")  # nothing written, nothing raised

@@ -100,7 +100,9 @@ def test_gpu_runs_are_the_chapters_at_gpu_with_their_records():
             if c["cell_type"] == "code"
             for o in c["outputs"]
         )
-        device = re.search(r"device: (nvidia-[\w-]+)", text).group(1)
+        found = re.search(r"device: (nvidia-[\w-]+)", text)
+        assert found, f"{p.name}: no GPU named in its outputs"
+        device = found.group(1)
         assert re.search(r"\bprofile +gpu\b", text), f"{p.name}: not executed at gpu"
         chapter = results.CHAPTERS[int(p.name[:2])]
         record = ROOT / "results" / chapter / f"gpu-{device}.json"
