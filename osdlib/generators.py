@@ -3,10 +3,13 @@
 Chapters 01, 02 and 04 each distil the chapter-00 teacher into a one-step generator; later
 chapters (ReNO in 05, the frontier) use those generators frozen. :func:`get` returns one of
 them, ``G(z, y) -> x`` in one network call, trained with the recipe and settings of the
-chapter that teaches it (its profile's step counts, times ``scale``; ``max_seconds`` caps each
-training run) and kept in ``$OSD_CACHE_DIR/generators/<kind>-<key>/``. The key covers the
-teacher and every setting that changes the result, so a different profile or scale never
-loads the wrong network.
+chapter that teaches it (its profile's step counts, times ``scale``; each training run capped
+as that chapter caps it, or by ``max_seconds``) and kept in
+``$OSD_CACHE_DIR/generators/<kind>-<key>/``. The key covers the teacher and every setting
+that changes the result, so a different profile or scale never loads the wrong network.
+The chapters that teach a kind store the generator they trained with :func:`put`, under the
+key :func:`get` computes for the same recipe: after them (as in the book's chain), chapter 05
+loads the very networks chapters 01, 02 and 04 made instead of training them again.
 
 =================  ==========  ==========================================================
 kind               chapter     recipe
@@ -39,11 +42,21 @@ KINDS = {
     "dmd2": ("dmd2", "DMD2 (ch. 04)"),
 }
 
-# the settings of each source chapter that change what is trained (the cache key)
+# the settings of each source chapter that change what is trained (the cache key);
+# `image_seconds` is that chapter's wall-clock cap on each training run (None: no cap)
 _RECIPE_KEYS = {
-    "2-rf-distilled": ("pairs", "pair_steps", "reflow_steps", "distill_steps", "batch", "lr"),
-    "ect": ("ect_steps", "ect_stages", "ect_lr", "batch"),
-    "dmd2": ("steps", "batch", "lr", "fake_lr", "ttur", "gan_gen", "gan_critic"),
+    "2-rf-distilled": (
+        "pairs",
+        "pair_steps",
+        "reflow_steps",
+        "distill_steps",
+        "batch",
+        "lr",
+        "distance",
+        "image_seconds",
+    ),
+    "ect": ("ect_steps", "ect_stages", "ect_lr", "batch", "image_seconds"),
+    "dmd2": ("steps", "batch", "lr", "fake_lr", "ttur", "gan_gen", "gan_critic", "image_seconds"),
 }
 _STEP_KEYS = {"pairs", "reflow_steps", "distill_steps", "ect_steps", "steps"}
 
@@ -79,31 +92,28 @@ def recipe(kind: str, profile: str, scale: float = 1.0, overrides: dict | None =
     unknown = set(overrides or {}) - known
     if unknown:
         raise KeyError(f"unknown recipe setting(s) {sorted(unknown)}; valid: {sorted(known)}")
-    settings = profiles.resolve(KINDS[kind][0], profile)
-    out = {k: settings[k] for k in _RECIPE_KEYS[kind]}
+    out = recipe_of(kind, profiles.resolve(KINDS[kind][0], profile))
     for k in _STEP_KEYS & set(out):
         out[k] = max(1, round(out[k] * scale))
     out.update({k: v for k, v in (overrides or {}).items() if k in out})
+    return out
+
+
+def recipe_of(kind: str, settings: dict) -> dict:
+    """The recipe of ``kind`` in a source chapter's resolved ``settings``."""
+    out = {k: settings[k] for k in _RECIPE_KEYS[kind]}
     if kind == "2-rf-distilled":  # how the coupling is made and stored
         out["fp16_pairs"] = settings["fp16_pairs"]
         out["sample_bf16"] = settings["sample_bf16"]
     return out
 
 
-def spec(
-    kind: str,
-    teacher_settings: dict,
-    profile: str,
-    scale: float,
-    max_seconds,
-    overrides: dict | None = None,
-) -> dict:
-    """Everything that determines a cached generator."""
+def spec(kind: str, teacher_settings: dict, recipe: dict) -> dict:
+    """Everything that determines a cached generator: its kind, teacher, recipe and seed."""
     return {
         "kind": kind,
         "teacher": teacher_key(teacher_spec(teacher_settings)),
-        "recipe": recipe(kind, profile, scale, overrides),
-        "max_seconds": max_seconds,
+        "recipe": recipe,
         "seed": teacher_settings.get("seed", 0),
     }
 
@@ -111,6 +121,51 @@ def spec(
 def _folder(s: dict, root) -> Path:
     blob = hashlib.sha1(json.dumps(s, sort_keys=True).encode()).hexdigest()[:10]
     return Path(root or cache_dir()) / "generators" / f"{s['kind']}-{blob}"
+
+
+def _store(folder: Path, net: nn.Module, info: dict) -> None:
+    """The description first, the weights last (atomically): weights mean a complete entry."""
+    from .train import save_weights
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "info.json").write_text(json.dumps(info, indent=1))
+    save_weights(net, folder / "generator.safetensors")
+
+
+def _net_of(kind: str, run) -> nn.Module:
+    """The generator's network in the EMA of a source chapter's last training run."""
+    if kind == "2-rf-distilled":
+        return run.ema  # the distilled velocity net
+    if kind == "ect":
+        return run.ema.net  # inside its FlowConsistency
+    return run.ema.generator.net  # dmd2: inside the Distiller's Generator
+
+
+def _info(runs: list) -> dict:
+    return {
+        "steps": [run.steps for run in runs],
+        "train_wall_s": sum(run.wall_s for run in runs),
+        "stopped_by_cap": any(run.stopped_early for run in runs),
+    }
+
+
+def put(
+    kind: str,
+    runs: list,
+    settings: dict,
+    teacher_settings: dict,
+    chapter: str,
+    root: str | Path | None = None,
+) -> None:
+    """Keep the generator a source chapter trained (``runs``: the ``TrainResult`` of each of
+    its training runs in order, the last one's EMA holding the generator) under the key of
+    the chapter's ``settings``, where :func:`get` finds it for the same recipe. ``chapter``
+    names who made it in its ``info``."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown generator {kind!r}; valid kinds are: {', '.join(KINDS)}")
+    s = spec(kind, teacher_settings, recipe_of(kind, settings))
+    net = copy.deepcopy(_net_of(kind, runs[-1])).cpu()
+    _store(_folder(s, root), net, {**_info(runs), "made_by": chapter, "spec": s})
 
 
 def get(
@@ -128,11 +183,15 @@ def get(
     overrides: dict | None = None,
 ) -> tuple[OneStep, dict]:
     """The one-step generator ``kind`` distilled from ``teacher`` (frozen, eval mode, on
-    ``device``) and ``info`` (steps, wall time, whether it was trained now, the cache path).
-    ``overrides`` replaces settings of the recipe (see :func:`recipe`)."""
-    from .train import load_weights, save_weights
+    ``device``) and ``info`` (steps, wall time, whether it was trained now and by whom, the
+    cache path). ``overrides`` replaces settings of the recipe (see :func:`recipe`);
+    ``max_seconds``, when given, caps each training run instead of the source chapter's cap."""
+    from .train import load_weights
 
-    s = spec(kind, teacher_settings, profile, scale, max_seconds, overrides)
+    r = recipe(kind, profile, scale, overrides)
+    if max_seconds is not None:
+        r["image_seconds"] = max_seconds
+    s = spec(kind, teacher_settings, r)
     folder = _folder(s, root)
     weights = folder / "generator.safetensors"
     net = nets.build(teacher_settings["image_net"], images.shape, images.num_classes)
@@ -140,11 +199,9 @@ def get(
         load_weights(net, weights)
         info = json.loads((folder / "info.json").read_text()) | {"trained_now": False}
     else:
-        net, info = _train(
-            kind, teacher, s["recipe"], images, s["seed"], device, max_seconds, progress
-        )
-        save_weights(net, weights)
-        (folder / "info.json").write_text(json.dumps({**info, "spec": s}, indent=1))
+        net, info = _train(kind, teacher, r, images, s["seed"], device, progress)
+        info["made_by"] = f"osdlib.generators ({KINDS[kind][0]} recipe)"
+        _store(folder, net, {**info, "spec": s})
         info["trained_now"] = True
     info["path"] = str(weights)
     G = OneStep(net, kind).to(device).eval().requires_grad_(False)
@@ -156,13 +213,13 @@ def _copy(net: nn.Module) -> nn.Module:
     return copy.deepcopy(net).cpu().requires_grad_(True)
 
 
-def _train(kind, teacher, r, images, seed, device, max_seconds, progress) -> tuple[nn.Module, dict]:
+def _train(kind, teacher, r, images, seed, device, progress) -> tuple[nn.Module, dict]:
     """Train ``kind`` with the source chapter's recipe ``r``; returns (net, info)."""
     from .methods import consistency as cm
     from .methods import rectified_flow as rf
     from .methods import score_distillation as sd
 
-    kw = dict(seed=seed, device=device, ema_decay=0.999, max_seconds=max_seconds)
+    kw = dict(seed=seed, device=device, ema_decay=0.999, max_seconds=r["image_seconds"])
     kw["progress"] = progress
     runs = []
     if kind == "2-rf-distilled":
@@ -193,12 +250,16 @@ def _train(kind, teacher, r, images, seed, device, max_seconds, progress) -> tup
             )
             runs.append(
                 rf.train_distill(
-                    _copy(runs[0].ema), pairs, steps=r["distill_steps"], k=1, **train_kw
+                    _copy(runs[0].ema),
+                    pairs,
+                    steps=r["distill_steps"],
+                    k=1,
+                    dist=r["distance"],
+                    **train_kw,
                 )
             )
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        net = runs[-1].ema
     elif kind == "ect":
         f = cm.FlowConsistency(_copy(teacher.net))
         runs.append(
@@ -211,7 +272,6 @@ def _train(kind, teacher, r, images, seed, device, max_seconds, progress) -> tup
                 **kw,
             )
         )
-        net = runs[-1].ema.net
     else:  # dmd2
         recipe_ = sd.Recipe(gen_every=r["ttur"], gan_gen=r["gan_gen"], gan_critic=r["gan_critic"])
         model = sd.Distiller(
@@ -234,10 +294,4 @@ def _train(kind, teacher, r, images, seed, device, max_seconds, progress) -> tup
                 **kw,
             )
         )
-        net = runs[-1].ema.generator.net
-    info = {
-        "steps": [run.steps for run in runs],
-        "train_wall_s": sum(run.wall_s for run in runs),
-        "stopped_by_cap": any(run.stopped_early for run in runs),
-    }
-    return net.cpu(), info
+    return _net_of(kind, runs[-1]).cpu(), _info(runs)

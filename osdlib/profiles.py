@@ -82,9 +82,13 @@ _COMMON: dict[str, dict[str, Any]] = {
 # (results/benchmarks/): steps of the 9M teacher take about as long at batch 512 as at 256
 # (kernel launches dominate), so image training uses big batches; sampling runs under bf16
 # autocast (1.6x); a chapter keeps the variants that fit (`distill_ks`, `image_methods`,
-# `ablation`) and its 2-D toys are shorter than at `book`. Image training runs are capped by
-# wall time (`image_seconds`, see `osdlib.train.train(max_seconds=...)`): the step counts
-# are the plan, the cap is the budget, and every record says how many steps really ran.
+# `ablation`) and its 2-D toys are shorter than at `book` (in chapters 03 and 04 much
+# shorter: a toy iteration there costs 14-20 ms on an H200, where small kernels and the
+# batched seeds' dispatch dominate, and 300 per recipe took 44 s of chapter 03's 90). Image
+# training runs are capped by wall time (`image_seconds`, see
+# `osdlib.train.train(max_seconds=...)`): the step counts are the plan, the cap is the
+# budget, and every record says how many steps really ran. Chapter 05 loads the one-step
+# generators that chapters 01, 02 and 04 stored (`osdlib.generators.put`).
 
 # Per-chapter settings. Keys are chapter ids (the notebook's file stem without the number).
 CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
@@ -403,9 +407,9 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
             "toy": "8gaussians",
             "toy_hidden": 128,
             "toy_batch": 1024,
-            "toy_steps": 300,
+            "toy_steps": 100,
             "toy_lr": 0.001,
-            "fake_warmup": 200,
+            "fake_warmup": 50,
             "toy_eval": 5000,
             "toy_seeds": 3,
             "teacher_steps": 100,
@@ -414,7 +418,7 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
             "lr": 0.0001,
             "fake_lr": 0.0001,
             "teacher_nfe": 16,
-            "image_seconds": 15,
+            "image_seconds": 12,
             "image_methods": ["VSD", "DMD"],
         },
         "paper": {
@@ -493,7 +497,7 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
             "toy": "8gaussians",
             "toy_hidden": 128,
             "toy_batch": 1024,
-            "toy_steps": 300,
+            "toy_steps": 100,
             "toy_lr": 0.001,
             "toy_fake_lr_factor": 0.1,
             "toy_pairs": 2000,
@@ -511,9 +515,9 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
             "pairs": 2000,
             "few_step_times": (1.0, 0.75, 0.5, 0.25),
             "teacher_nfe": 16,
-            "image_seconds": 11,
+            "image_seconds": 12,
             "pair_steps": 16,
-            "ablation": ["dmd+regression", "dmd2", "dmd2-4-step"],
+            "ablation": ["dmd+regression", "dmd2"],
         },
         "paper": {
             "toy": "8gaussians",
@@ -544,7 +548,8 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
     },
     # ReNO optimises the noise of frozen one-step generators (see osdlib.generators for how
     # they are made). `generator_scale` multiplies the source chapters' step counts when a
-    # generator is not in the cache, `generator_seconds` caps each of its training runs,
+    # generator is not in the cache, `generator_seconds` caps each of its training runs (None:
+    # as its source chapter caps them, so that at gpu the chapters' own generators are found),
     # `generator_overrides` replaces single settings of those recipes (e.g. {"batch": 8});
     # `batch` independent problems per seed, `reno_steps` forward passes each (best-of-N uses
     # the same number of draws); `intensity_quantile` sets the mean-intensity target at that
@@ -587,9 +592,9 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
         "gpu": {
             "generators": ["2-rf-distilled", "ect", "dmd2"],
             "generator_scale": 1.0,
-            "generator_seconds": 8,
+            "generator_seconds": None,
             "generator_overrides": {},
-            "batch": 200,
+            "batch": 150,
             "reno_steps": 50,
             "seeds": 3,
             "lam": 0.01,

@@ -192,6 +192,9 @@ def test_gpu_chain_dry_run_on_a_class_folder_fixture(tmp_path):
         assert nb["metadata"]["papermill"]["exception"] is None
         assert nb["metadata"]["papermill"]["input_path"] == f"notebooks/{name}"  # no machine paths
         assert str(tmp_path) not in json.dumps(nb)
+    # chapter 05 found the one-step generators that chapters 01, 02 and 04 stored
+    reno = json.dumps(json.loads((out_dir / "05_reno.ipynb").read_text()))
+    assert all(f"made by chapter {c}, from the cache" in reno for c in ("01", "02", "04"))
     records = sorted((out_dir / "results").glob("*/gpu-cpu.json"))
     assert len(records) == len(notebooks)
     rec = json.loads(records[0].read_text())

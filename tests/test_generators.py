@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -25,10 +27,66 @@ def test_each_generator_trains_once_then_loads_from_the_cache(kind, teacher_and_
     G2, info2 = generators.get(kind, teacher, settings, images, "ci", **kw)
     assert not info2["trained_now"] and info2["steps"] == info["steps"]
     assert torch.equal(G2(z, y), x)
-    # another recipe (scale) is another cache entry
-    assert generators.spec(kind, settings, "ci", 0.2, None) != generators.spec(
-        kind, settings, "ci", 0.1, None
+    assert info2["made_by"].startswith("osdlib.generators")
+    # another recipe (scale, time cap) is another cache entry
+    r = generators.recipe(kind, "ci", 0.1)
+    assert generators.spec(kind, settings, r) != generators.spec(
+        kind, settings, generators.recipe(kind, "ci", 0.2)
     )
+    assert generators.spec(kind, settings, r) != generators.spec(
+        kind, settings, r | {"image_seconds": 5}
+    )
+
+
+def test_a_chapters_generator_is_what_get_loads(teacher_and_data, tmp_path):
+    # chapter 04 trains DMD2 with its own settings and puts it; chapter 05 asks for the
+    # same recipe and loads that network instead of training another
+    from osdlib.methods import score_distillation as sd
+
+    settings, teacher, images = teacher_and_data
+    chapter = profiles.resolve("dmd2", "ci", overrides={"steps": 2, "batch": 4})
+    model = sd.Distiller(
+        sd.Generator(teacher.net),
+        teacher.net,
+        images.shape,
+        images.num_classes,
+        discriminator=True,
+    )
+    recipe = sd.Recipe(
+        gen_every=chapter.ttur, gan_gen=chapter.gan_gen, gan_critic=chapter.gan_critic
+    )
+    run = sd.distill(
+        recipe,
+        teacher,
+        copy.deepcopy(model),
+        lambda g: images.batch(4, generator=g),
+        2,
+        progress=False,
+    )
+    generators.put("dmd2", [run], chapter, settings, "chapter 04", root=tmp_path)
+    over = {"steps": 2, "batch": 4}
+    G, info = generators.get(
+        "dmd2", teacher, settings, images, "ci", root=tmp_path, overrides=over, progress=False
+    )
+    assert not info["trained_now"] and info["made_by"] == "chapter 04" and info["steps"] == [2]
+    z, y = torch.randn(3, *images.shape), torch.arange(3)
+    with torch.no_grad():
+        assert torch.equal(G(z, y), generators.OneStep(run.ema.generator.net, "dmd2")(z, y))
+    # another recipe does not find it
+    other = generators.get(
+        "dmd2",
+        teacher,
+        settings,
+        images,
+        "ci",
+        root=tmp_path,
+        overrides=over,
+        max_seconds=1,
+        progress=False,
+    )[1]
+    assert other["trained_now"]
+    with pytest.raises(ValueError, match="valid kinds"):
+        generators.put("gan", [run], chapter, settings, "chapter 04", root=tmp_path)
 
 
 def test_one_step_is_differentiable_in_z(teacher_and_data):
