@@ -1,15 +1,18 @@
 """The book's one-step image generators by name, loaded from the cache or trained when missing.
 
 Chapters 01, 02 and 04 each distil the chapter-00 teacher into a one-step generator; later
-chapters (ReNO in 05, the frontier) use those generators frozen. :func:`get` returns one of
+chapters (ReNO in 05) use those generators frozen. :func:`get` returns one of
 them, ``G(z, y) -> x`` in one network call, trained with the recipe and settings of the
 chapter that teaches it (its profile's step counts, times ``scale``; each training run capped
 as that chapter caps it, or by ``max_seconds``) and kept in
-``$OSD_CACHE_DIR/generators/<kind>-<key>/``. The key covers the teacher and every setting
-that changes the result, so a different profile or scale never loads the wrong network.
-The chapters that teach a kind store the generator they trained with :func:`put`, under the
-key :func:`get` computes for the same recipe: after them (as in the book's chain), chapter 05
-loads the very networks chapters 01, 02 and 04 made instead of training them again.
+``$OSD_CACHE_DIR/generators/<kind>-<key>/``. The key covers the teacher, the seed and every
+setting of the recipe (with a time cap, the device too), so a different profile or scale
+never loads the wrong network; it does not make training bit-reproducible (a network
+initialised from the global random state, such as DMD2's discriminator head, depends on
+what ran before). The chapters that teach a kind store the generator they trained with
+:func:`put`, under the key :func:`get` computes for the same recipe: after them at the same
+settings (as in the book's chain), chapter 05 loads the networks chapters 01, 02 and 04
+made instead of training them again.
 
 =================  ==========  ==========================================================
 kind               chapter     recipe
@@ -25,6 +28,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -100,21 +104,24 @@ def recipe(kind: str, profile: str, scale: float = 1.0, overrides: dict | None =
 
 
 def recipe_of(kind: str, settings: dict) -> dict:
-    """The recipe of ``kind`` in a source chapter's resolved ``settings``."""
+    """The recipe of ``kind`` in a source chapter's resolved ``settings``; under a time cap,
+    how far training gets depends on the device, so the recipe names it."""
     out = {k: settings[k] for k in _RECIPE_KEYS[kind]}
     if kind == "2-rf-distilled":  # how the coupling is made and stored
         out["fp16_pairs"] = settings["fp16_pairs"]
         out["sample_bf16"] = settings["sample_bf16"]
+    if out["image_seconds"] is not None:
+        out["device"] = torch.device(settings["device"]).type
     return out
 
 
-def spec(kind: str, teacher_settings: dict, recipe: dict) -> dict:
+def spec(kind: str, teacher_settings: dict, recipe: dict, seed: int) -> dict:
     """Everything that determines a cached generator: its kind, teacher, recipe and seed."""
     return {
         "kind": kind,
         "teacher": teacher_key(teacher_spec(teacher_settings)),
         "recipe": recipe,
-        "seed": teacher_settings.get("seed", 0),
+        "seed": seed,
     }
 
 
@@ -124,12 +131,16 @@ def _folder(s: dict, root) -> Path:
 
 
 def _store(folder: Path, net: nn.Module, info: dict) -> None:
-    """The description first, the weights last (atomically): weights mean a complete entry."""
+    """Old weights out first, then the description, then the weights (each file written
+    atomically): an entry with weights is complete, whatever interrupted an earlier write."""
     from .train import save_weights
 
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "info.json").write_text(json.dumps(info, indent=1))
-    save_weights(net, folder / "generator.safetensors")
+    (folder / "generator.safetensors").unlink(missing_ok=True)
+    tmp = folder / "info.json.tmp"
+    tmp.write_text(json.dumps(info, indent=1))
+    os.replace(tmp, folder / "info.json")
+    save_weights(net, folder / "generator.safetensors")  # copies to the CPU
 
 
 def _net_of(kind: str, run) -> nn.Module:
@@ -163,9 +174,10 @@ def put(
     names who made it in its ``info``."""
     if kind not in KINDS:
         raise ValueError(f"unknown generator {kind!r}; valid kinds are: {', '.join(KINDS)}")
-    s = spec(kind, teacher_settings, recipe_of(kind, settings))
-    net = copy.deepcopy(_net_of(kind, runs[-1])).cpu()
-    _store(_folder(s, root), net, {**_info(runs), "made_by": chapter, "spec": s})
+    s = spec(kind, teacher_settings, recipe_of(kind, settings), settings["seed"])
+    _store(
+        _folder(s, root), _net_of(kind, runs[-1]), {**_info(runs), "made_by": chapter, "spec": s}
+    )
 
 
 def get(
@@ -191,7 +203,10 @@ def get(
     r = recipe(kind, profile, scale, overrides)
     if max_seconds is not None:
         r["image_seconds"] = max_seconds
-    s = spec(kind, teacher_settings, r)
+    r.pop("device", None)
+    if r["image_seconds"] is not None:  # where it trains, as recipe_of names it
+        r["device"] = torch.device(device).type
+    s = spec(kind, teacher_settings, r, teacher_settings.get("seed", 0))
     folder = _folder(s, root)
     weights = folder / "generator.safetensors"
     net = nets.build(teacher_settings["image_net"], images.shape, images.num_classes)

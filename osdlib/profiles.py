@@ -83,12 +83,14 @@ _COMMON: dict[str, dict[str, Any]] = {
 # (kernel launches dominate), so image training uses big batches; sampling runs under bf16
 # autocast (1.6x); a chapter keeps the variants that fit (`distill_ks`, `image_methods`,
 # `ablation`) and its 2-D toys are shorter than at `book` (in chapters 03 and 04 much
-# shorter: a toy iteration there costs 14-20 ms on an H200, where small kernels and the
-# batched seeds' dispatch dominate, and 300 per recipe took 44 s of chapter 03's 90). Image
+# shorter: a toy iteration there cost 14-20 ms on an H200 by the times of chapter 03's toy
+# cells in the first chain run, where small kernels and the batched seeds' dispatch
+# dominate, and 300 per recipe took 44 s of chapter 03's 90). Image
 # training runs are capped by wall time (`image_seconds`, see
 # `osdlib.train.train(max_seconds=...)`): the step counts are the plan, the cap is the
 # budget, and every record says how many steps really ran. Chapter 05 loads the one-step
-# generators that chapters 01, 02 and 04 stored (`osdlib.generators.put`).
+# generators that chapters 01, 02 and 04 stored (`osdlib.generators.put`) when it finds them
+# (the same recipe, seed and device), and otherwise trains them.
 
 # Per-chapter settings. Keys are chapter ids (the notebook's file stem without the number).
 CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {

@@ -28,13 +28,9 @@ def test_each_generator_trains_once_then_loads_from_the_cache(kind, teacher_and_
     assert not info2["trained_now"] and info2["steps"] == info["steps"]
     assert torch.equal(G2(z, y), x)
     assert info2["made_by"].startswith("osdlib.generators")
-    # another recipe (scale, time cap) is another cache entry
-    r = generators.recipe(kind, "ci", 0.1)
-    assert generators.spec(kind, settings, r) != generators.spec(
-        kind, settings, generators.recipe(kind, "ci", 0.2)
-    )
-    assert generators.spec(kind, settings, r) != generators.spec(
-        kind, settings, r | {"image_seconds": 5}
+    # another recipe (scale) is another cache entry
+    assert generators.spec(kind, settings, generators.recipe(kind, "ci", 0.1), 0) != (
+        generators.spec(kind, settings, generators.recipe(kind, "ci", 0.2), 0)
     )
 
 
@@ -46,8 +42,8 @@ def test_a_chapters_generator_is_what_get_loads(teacher_and_data, tmp_path):
     settings, teacher, images = teacher_and_data
     chapter = profiles.resolve("dmd2", "ci", overrides={"steps": 2, "batch": 4})
     model = sd.Distiller(
-        sd.Generator(teacher.net),
-        teacher.net,
+        sd.Generator(copy.deepcopy(teacher.net)),
+        copy.deepcopy(teacher.net),
         images.shape,
         images.num_classes,
         discriminator=True,
@@ -58,7 +54,7 @@ def test_a_chapters_generator_is_what_get_loads(teacher_and_data, tmp_path):
     run = sd.distill(
         recipe,
         teacher,
-        copy.deepcopy(model),
+        model,
         lambda g: images.batch(4, generator=g),
         2,
         progress=False,
@@ -72,6 +68,18 @@ def test_a_chapters_generator_is_what_get_loads(teacher_and_data, tmp_path):
     z, y = torch.randn(3, *images.shape), torch.arange(3)
     with torch.no_grad():
         assert torch.equal(G(z, y), generators.OneStep(run.ema.generator.net, "dmd2")(z, y))
+    # the same recipe at another seed, or under a time cap on another device, is another entry
+    kw = dict(root=tmp_path, overrides=over, progress=False)
+    seed1 = profiles.resolve("dmd2", "ci", seed=1, overrides={"steps": 2, "batch": 4})
+    generators.put("dmd2", [run], seed1, settings, "chapter 04", root=tmp_path)
+    capped = chapter | {"image_seconds": 60, "device": "cpu"}
+    generators.put("dmd2", [run], capped, settings, "chapter 04", root=tmp_path)
+    assert len(list((tmp_path / "generators").iterdir())) == 3
+    on_cpu = generators.get("dmd2", teacher, settings, images, "ci", max_seconds=60, **kw)[1]
+    assert on_cpu["made_by"] == "chapter 04"
+    gpu = capped | {"device": "cuda"}  # only the key is compared: nothing runs there
+    assert generators.recipe_of("dmd2", gpu) != generators.recipe_of("dmd2", capped)
+    assert "device" not in generators.recipe_of("dmd2", chapter)  # no cap: any device
     # another recipe does not find it
     other = generators.get(
         "dmd2",
