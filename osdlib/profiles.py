@@ -596,7 +596,7 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
             "generator_scale": 1.0,
             "generator_seconds": None,
             "generator_overrides": {},
-            "batch": 150,
+            "batch": 100,
             "reno_steps": 50,
             "seeds": 3,
             "lam": 0.01,
