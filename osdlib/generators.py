@@ -203,8 +203,7 @@ def get(
     r = recipe(kind, profile, scale, overrides)
     if max_seconds is not None:
         r["image_seconds"] = max_seconds
-    r.pop("device", None)
-    if r["image_seconds"] is not None:  # where it trains, as recipe_of names it
+    if r["image_seconds"] is not None:  # where it trains (recipe_of named the profile's)
         r["device"] = torch.device(device).type
     s = spec(kind, teacher_settings, r, teacher_settings.get("seed", 0))
     folder = _folder(s, root)
