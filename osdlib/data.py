@@ -345,6 +345,129 @@ def image_folder(
     return ImageData(name, x, y, classes, f"folder:{root}")
 
 
+def write_class_zip(
+    data: ImageData,
+    path: str | Path,
+    split: str = "train",
+    jpeg_quality: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Write ``data`` as a zip of ``<split>/<class>/<NNNNN>.png`` (or ``.jpg``): the layout
+    :func:`image_folder` reads once unpacked, and that ``scripts/offline_run.sh`` takes to a
+    GPU node without internet.
+
+    PNG keeps the exact pixels; ``jpeg_quality`` (e.g. 75, 4:2:0 chroma subsampling) writes a
+    smaller lossy copy instead, whose results must say so. Folders are named by
+    ``data.class_names``; :func:`image_folder` numbers classes in the sorted order of those
+    names (as torchvision's ImageFolder does), so they must sort in label order. Within a
+    class the images keep their order. The zip's entries carry a fixed date, so the same
+    images give the same bytes; it is written to a temporary file and renamed at the end.
+    """
+    import io
+    import zipfile
+
+    from PIL import Image
+    from tqdm import tqdm
+
+    from .train import show_progress
+
+    names = data.class_names or [str(i) for i in range(data.num_classes)]
+    if names != sorted(names) or len(set(names)) != len(names):
+        raise ValueError(
+            f"class names must be distinct and sort in label order (image_folder reads the "
+            f"folders sorted), got {names}"
+        )
+    if jpeg_quality is not None and not 1 <= jpeg_quality <= 95:
+        raise ValueError(f"jpeg_quality must be in 1..95, got {jpeg_quality}")
+    if data.shape[0] not in (1, 3):
+        raise ValueError(f"images must have 1 or 3 channels, got shape {data.shape}")
+    images = data.images if data.images.dtype == torch.uint8 else to_uint8(data.images)
+    ext = "png" if jpeg_quality is None else "jpg"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    counts = [0] * len(names)
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:  # PNG/JPEG: already compressed
+        for i in tqdm(
+            range(len(data)), desc=f"writing {path.name}", disable=not show_progress(progress)
+        ):
+            label = int(data.labels[i])
+            array = images[i].permute(1, 2, 0).numpy()
+            image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+            buffer = io.BytesIO()
+            if jpeg_quality is None:
+                image.save(buffer, format="PNG")
+            else:
+                image.save(buffer, format="JPEG", quality=jpeg_quality, subsampling="4:2:0")
+            entry = f"{split}/{names[label]}/{counts[label]:05d}.{ext}"
+            counts[label] += 1
+            zf.writestr(zipfile.ZipInfo(entry, date_time=(1980, 1, 1, 0, 0, 0)), buffer.getvalue())
+    os.replace(tmp, path)
+    return path
+
+
+def export_cifar10(
+    out: str | Path,
+    root: str | Path | None = None,
+    download: bool = False,
+    jpeg_quality: int | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """CIFAR-10 from torchvision's files (``download=True`` fetches them into ``root``) as
+    ``out/train.zip`` and ``out/test.zip`` (:func:`write_class_zip`), ready for
+    ``scripts/offline_run.sh KIT out OUT`` on a node without internet."""
+    paths = []
+    for split in ("train", "test"):
+        data = cifar10(root, train=split == "train", download=download)
+        paths.append(
+            write_class_zip(data, Path(out) / f"{split}.zip", split, jpeg_quality, progress)
+        )
+    return paths
+
+
+def _main(argv: list[str] | None = None) -> None:
+    import argparse
+    import hashlib
+
+    parser = argparse.ArgumentParser(
+        prog="python -m osdlib.data",
+        description="Write CIFAR-10 as class-folder zips (train.zip, test.zip) for "
+        "scripts/offline_run.sh on a GPU node without internet.",
+    )
+    parser.add_argument("--export-cifar10", metavar="DIR", required=True, help="where to write")
+    parser.add_argument(
+        "--root", help="torchvision's CIFAR-10 folder (default: $OSD_DATA_DIR/cifar10)"
+    )
+    parser.add_argument("--download", action="store_true", help="fetch CIFAR-10 first")
+    parser.add_argument(
+        "--jpeg-quality",
+        type=int,
+        help="write JPEG at this quality instead of PNG (smaller, lossy: label the results)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        paths = export_cifar10(args.export_cifar10, args.root, args.download, args.jpeg_quality)
+    except FileNotFoundError as err:
+        hint = (
+            "Run this where the download works, or give --root DIR"
+            if args.download
+            else "Here: --download, or --root DIR"
+        )
+        raise SystemExit(f"{err} {hint} (the folder holding cifar-10-batches-py).") from None
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    for p in paths:
+        digest = hashlib.sha256(p.read_bytes()).hexdigest()
+        print(f"wrote {p.resolve()} ({p.stat().st_size / 1e6:.1f} MB, sha256 {digest})")
+    label = (
+        "CIFAR-10" if args.jpeg_quality is None else f"CIFAR-10 (JPEG copy, q{args.jpeg_quality})"
+    )
+    print(
+        f'then, on the node: OSD_DATASET_LABEL="{label}" scripts/offline_run.sh KIT '
+        f"{args.export_cifar10} OUT"
+    )
+
+
 def _decoded_cache() -> Path:
     from .teachers import cache_dir
 
@@ -421,3 +544,7 @@ def load(
     if name.startswith("folder:"):
         return image_folder(name.split(":", 1)[1])
     raise ValueError(f"unknown dataset {name!r}; valid names are: {', '.join(DATASETS)}")
+
+
+if __name__ == "__main__":
+    _main()

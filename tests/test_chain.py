@@ -7,6 +7,7 @@ chapters look, ``$OSD_DATA_DIR/cifar10/train``), on the CPU.
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,43 @@ def test_bad_input_says_what_to_do(tmp_path):
     out = _run("--chapters", "99", "--profile", "ci", "--out", str(tmp_path))
     assert out.returncode != 0 and "unknown chapter" in out.stderr
     assert not list(tmp_path.glob("*.ipynb"))  # nothing was half-written
+
+
+def test_offline_run_unpacks_the_exported_zips_and_refuses_a_wrong_layout(tmp_path):
+    """scripts/offline_run.sh on a zip from `python -m osdlib.data --export-cifar10`: the
+    images arrive unchanged where the chapters look; a zip of another layout stops it with
+    one message before anything is unpacked. (The chain itself stops at the unknown chapter.)"""
+    import zipfile
+
+    import torch
+
+    from osdlib import data
+
+    kit, good, bad = tmp_path / "kit", tmp_path / "good", tmp_path / "bad"
+    (kit / "wheels").mkdir(parents=True)
+    (kit / "wheels" / "torch-0-py3-none-any.whl").write_bytes(b"")  # installed already
+    (kit / "inception-fp16.pth").write_bytes(b"")
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    d = data.ImageData("cifar10", images, torch.tensor([0, 1, 2, 0, 1, 2]), CLASSES[:3])
+    data.write_class_zip(d, good / "train.zip", progress=False)
+    bad.mkdir()
+    with zipfile.ZipFile(bad / "train.zip", "w") as zf:
+        zf.writestr("images/0.png", b"")
+
+    def offline_run(folder, work):
+        env = {**os.environ, "PYTHON": sys.executable, "OSD_WORK_DIR": str(work)}
+        script = ROOT / "scripts" / "offline_run.sh"
+        args = [str(kit), str(folder), str(tmp_path / "out"), "--chapters", "99"]
+        return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, env=env)
+
+    out = offline_run(bad, tmp_path / "work-bad")
+    assert out.returncode == 2 and "wrong layout" in out.stderr and "train/<class>" in out.stderr
+    assert not (tmp_path / "work-bad" / "data" / "cifar10" / "train").exists()
+    out = offline_run(good, tmp_path / "work")
+    assert "unknown chapter" in out.stderr, out.stderr
+    train = tmp_path / "work" / "data" / "cifar10" / "train"
+    back = data.image_folder(train, progress=False, cache=False)
+    assert back.class_names == CLASSES[:3] and torch.equal(back.images, images[[0, 3, 1, 4, 2, 5]])
 
 
 def test_a_chapter_that_cannot_finish_before_the_deadline_is_not_started(tmp_path):

@@ -135,29 +135,101 @@ def test_cifar10_failed_download_says_what_to_do(tmp_path, monkeypatch):
         data.cifar10(tmp_path, download=True)
 
 
-def test_cifar10_torchvision_format(tmp_path, monkeypatch):
-    """Write the CIFAR-10 python pickle format and read it through torchvision's loader."""
+def _torchvision_cifar10(root, monkeypatch, classes=None):
+    """CIFAR-10's python pickle format in ``root``: 4 images per train batch file, 4 in the
+    test batch; returns the 20 train images (N, H, W, C)."""
+    import torchvision.datasets.cifar as cifar_module
     from torchvision.datasets import CIFAR10
 
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    imgs = _random_images(20, 32)
-    flat = imgs.transpose(0, 3, 1, 2).reshape(20, -1)
-    for i, (name, _) in enumerate(CIFAR10.train_list):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    imgs = _random_images(24, 32)
+    flat = imgs.transpose(0, 3, 1, 2).reshape(24, -1)
+    for i, (name, _) in enumerate(CIFAR10.train_list + CIFAR10.test_list):
         sl = slice(4 * i, 4 * i + 4)
         with open(folder / name, "wb") as f:
-            pickle.dump({"data": flat[sl], "labels": list(range(4 * i, 4 * i + 4))}, f)
+            pickle.dump({"data": flat[sl], "labels": [k % 10 for k in range(24)][sl]}, f)
     with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+        pickle.dump({"label_names": classes or [f"c{i}" for i in range(10)]}, f)
     # the fixture files have other md5 sums than the published ones
-    import torchvision.datasets.cifar as cifar_module
-
     monkeypatch.setattr(CIFAR10, "_check_integrity", lambda self: True)
     monkeypatch.setattr(cifar_module, "check_integrity", lambda *a, **k: True)
+    return imgs[:20]
+
+
+def test_cifar10_torchvision_format(tmp_path, monkeypatch):
+    """Write the CIFAR-10 python pickle format and read it through torchvision's loader."""
+    imgs = _torchvision_cifar10(tmp_path, monkeypatch)
     d = data.cifar10(tmp_path)
     assert len(d) == 20 and d.shape == (3, 32, 32)
     assert np.array_equal(d.images[0].permute(1, 2, 0).numpy(), imgs[0])
-    assert d.class_names[0] == "c0"
+    assert d.class_names[0] == "c0" and d.labels[:12].tolist() == [*range(10), 0, 1]
+
+
+def _unzip(path, to):
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        zf.extractall(to)
+        return sorted(zf.namelist())
+
+
+def test_class_zip_round_trip(tmp_path):
+    """PNG zips unpack to what image_folder reads back exactly (labels, classes, pixels,
+    in class order); the same images give the same bytes; JPEG is close, grey stays grey."""
+    imgs = torch.from_numpy(_random_images(7, 8)).permute(0, 3, 1, 2)
+    labels = torch.tensor([2, 0, 1, 0, 2, 2, 1])
+    d = data.ImageData("toy", imgs, labels, ["a", "b", "c"])
+    path = data.write_class_zip(d, tmp_path / "train.zip", progress=False)
+    assert path.read_bytes() == data.write_class_zip(d, tmp_path / "again.zip").read_bytes()
+    assert not list(tmp_path.glob("*.tmp"))
+    names = _unzip(path, tmp_path / "png")
+    assert names[:2] == ["train/a/00000.png", "train/a/00001.png"] and len(names) == 7
+    back = data.image_folder(tmp_path / "png" / "train", progress=False, cache=False)
+    order = torch.argsort(labels, stable=True)
+    assert back.class_names == ["a", "b", "c"] and torch.equal(back.labels, labels[order])
+    assert torch.equal(back.images, imgs[order])
+
+    smooth = torch.linspace(0, 255, 64).reshape(1, 1, 8, 8).expand(2, 3, 8, 8).to(torch.uint8)
+    jpeg = data.ImageData("toy", smooth, torch.tensor([0, 1]), ["a", "b"])
+    names = _unzip(data.write_class_zip(jpeg, tmp_path / "t.zip", "test", 75), tmp_path / "j")
+    assert names == ["test/a/00000.jpg", "test/b/00000.jpg"]
+    back = data.image_folder(tmp_path / "j" / "test", progress=False, cache=False)
+    assert (back.images.float() - smooth.float()).abs().mean() < 8
+
+    digits = data.digits()
+    small = data.ImageData("digits", digits.images[:5], digits.labels[:5], digits.class_names)
+    _unzip(data.write_class_zip(small, tmp_path / "d.zip", progress=False), tmp_path / "d")
+    back = data.image_folder(tmp_path / "d" / "train", progress=False, cache=False)
+    grey = data.to_uint8(small.images)[torch.argsort(small.labels, stable=True)]
+    assert torch.equal(back.images, grey.expand(-1, 3, -1, -1))  # 1 channel -> RGB, exact
+
+
+def test_class_zip_refuses_what_image_folder_would_misread(tmp_path):
+    d = data.ImageData("toy", torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="sort in label order"):
+        data.write_class_zip(
+            data.ImageData(d.name, d.images, d.labels, ["dog", "cat"]), tmp_path / "x.zip"
+        )
+    with pytest.raises(ValueError, match="jpeg_quality"):
+        data.write_class_zip(d, tmp_path / "x.zip", jpeg_quality=100)
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_export_cifar10_command(tmp_path, monkeypatch, capsys):
+    """`python -m osdlib.data --export-cifar10 DIR` writes train.zip and test.zip from
+    torchvision's files; without them it says to pass --download."""
+    with pytest.raises(SystemExit, match="--download"):
+        data._main(["--export-cifar10", str(tmp_path / "zips"), "--root", str(tmp_path)])
+    imgs = _torchvision_cifar10(tmp_path, monkeypatch)
+    data._main(["--export-cifar10", str(tmp_path / "zips"), "--root", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "train.zip" in out and "test.zip" in out and "offline_run.sh" in out
+    assert len(_unzip(tmp_path / "zips" / "test.zip", tmp_path / "u")) == 4
+    _unzip(tmp_path / "zips" / "train.zip", tmp_path / "u")
+    back = data.image_folder(tmp_path / "u" / "train", progress=False, cache=False)
+    assert len(back) == 20 and back.class_names == [f"c{i}" for i in range(10)]
+    assert np.array_equal(back.images[0].permute(1, 2, 0).numpy(), imgs[0])  # c0's first
 
 
 def test_load_names_and_cifar_folder(tmp_path, monkeypatch):
