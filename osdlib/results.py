@@ -273,14 +273,17 @@ def mean_std_text(mean: float, std: float) -> str:
     return f"{mean:.{decimals}f} ± {std:.{decimals}f}"
 
 
-def value_text(r: dict) -> str:
+def value_text(r: dict, stated: bool = False) -> str:
     """A row's value; with its seed spread when the row has one: ``0.9720 ± 0.0075 (3 seeds)``.
 
     A row measured over several seeds carries the mean as ``value``, its standard deviation
-    as ``std`` and the number of seeds as ``seeds``.
+    as ``std`` and the number of seeds as ``seeds``. ``stated``: a paper's number, shown as
+    the paper states it (11.35, not 11.3).
     """
     value, std = r.get("value"), r.get("std")
-    if isinstance(value, (int, float)) and isinstance(std, (int, float)):
+    if stated and isinstance(value, float):
+        text = f"{value:g}"
+    elif isinstance(value, (int, float)) and isinstance(std, (int, float)):
         text = mean_std_text(value, std)
     else:
         text = _fmt(value) + ("" if std is None else f" ± {std}")
@@ -294,7 +297,7 @@ def rows_markdown(rows: list[dict]) -> str:
     lines = ["| source | model | dataset | NFE | metric | value |", "|---|---|---|---|---|---|"]
     lines += [
         f"| {r['source']} | {r['model']} | {r.get('dataset', '')} | {_fmt(r.get('nfe'))} | "
-        f"{r['metric']} | {value_text(r)} |"
+        f"{r['metric']} | {value_text(r, stated=r['source'].startswith('paper'))} |"
         for r in rows
     ]
     return "\n".join(lines) + "\n"
@@ -422,7 +425,7 @@ def compact_table(ours: list[dict], papers: list[dict]) -> str:
     ]
     lines += [
         f"| {p['model']} | {_fmt(p.get('nfe'))} | {metric(p)} |  | "
-        f"{value_text(p)} ({cite_short(p['source'])[0]}) |"
+        f"{value_text(p, stated=True)} ({cite_short(p['source'])[0]}) |"
         for p in papers
     ]
     remarks = dict.fromkeys(

@@ -127,6 +127,12 @@ def test_seed_spread_is_shown_where_a_row_has_one(tmp_path):
     assert block.count("GenEval numbers from the authors' follow-up") == 1
     assert results.value_text({"value": 181.0, "std": 4.5}) == "181.0 ± 4.5"
     assert results.value_text({"value": 0.14, "seeds": 1}) == "0.14"  # one seed: nothing said
+    assert results.value_text({"value": 11.35}) == "11.3"  # ours: three significant figures
+    assert results.value_text({"value": 11.35}, stated=True) == "11.35"  # a paper's: as stated
+    table = results.rows_markdown(
+        [{"source": "paper: X", "model": "m", "metric": "FID", "value": 157.5}]
+    )
+    assert "| 157.5 |" in table
     # The spread to two significant figures, the mean to the same decimal place.
     assert results.mean_std_text(2.7312, 0.0234) == "2.731 ± 0.023"
     assert results.mean_std_text(12834.0, 340.0) == "12834 ± 340"
