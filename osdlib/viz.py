@@ -23,13 +23,14 @@ def setup(dpi: int = 80) -> None:
     )
 
 
-def show_source(obj):
-    """The source of a library function, rendered as code in the notebook and the book."""
+def show_source(obj) -> None:
+    """Show the source of a library function as code in the notebook and the book, wherever
+    the call stands in its cell (a returned object would show only as a cell's last line)."""
     import inspect
 
-    from IPython.display import Code
+    from IPython.display import Code, display
 
-    return Code(inspect.getsource(obj), language="python")
+    display(Code(inspect.getsource(obj), language="python"))
 
 
 def upscale_factor(x: Tensor, min_pixels: int = 32) -> int:

@@ -1,3 +1,5 @@
+import numpy as np
+import pytest
 import torch
 
 from osdlib.methods import distilled_decoding as dd
@@ -96,8 +98,45 @@ def test_student_starts_as_the_teacher_when_every_token_is_known():
     eps = torch.randn(2, 6, 3)
     with torch.no_grad():
         assert torch.allclose(student(eps, y, tokens, known=6), ar(tokens, y), atol=1e-6)
-    assert student.sample(eps, y, steps=1).shape == (2, 6)
-    assert student.sample(eps, y, steps=2).shape == (2, 6)
+    one, two = student.sample(eps, y, steps=1), student.sample(eps, y, steps=2)
+    assert one.shape == two.shape == (2, 6)
+    assert torch.equal(two[:, :3], one[:, :3])  # the second step keeps the first half
+    first_half_known = student(eps, y, one, known=3).argmax(-1)
+    assert torch.equal(two[:, 3:], first_half_known[:, 3:])
+    with pytest.raises(ValueError, match="1 or 2 steps"):
+        student.sample(eps, y, steps=3)
+
+
+def test_the_dataset_on_disk_is_the_map_of_its_noise(tmp_path):
+    """generate_dataset's memory-mapped pairs: z the seed's noise, x its map, y balanced."""
+    ar = _tiny_ar(7)
+    codes = torch.randn(8, 3, generator=torch.Generator().manual_seed(8))
+    pairs = dd.generate_dataset(ar, codes, 10, tmp_path, 3, steps=10, batch=4, progress=False)
+    assert len(pairs) == 10 and sorted(p.name for p in tmp_path.glob("*.npy")) == [
+        "x.npy",
+        "y.npy",
+        "z.npy",
+    ]
+    z, x, y = (torch.from_numpy(np.array(a)) for a in (pairs.z, pairs.x, pairs.y))  # copies
+    assert y.tolist() == [i % 3 for i in range(10)]
+    g = torch.Generator().manual_seed(0)  # the default seed, drawn in batches of 4
+    eps = torch.cat([torch.randn(m, 6, 3, generator=g) for m in (4, 4, 2)])
+    assert torch.equal(z, eps)
+    assert torch.equal(x.long(), dd.map_sequence(ar, y, eps, codes, steps=10))
+
+
+def test_naive_marginals_are_the_token_frequencies_and_sampling_follows_them():
+    tokens = torch.tensor([[0, 1], [0, 2], [1, 2], [3, 3]])
+    labels = torch.tensor([0, 0, 0, 1])
+    m = dd.naive_marginals(tokens, labels, vocab=4, num_classes=3)
+    assert m.shape == (3, 2, 4)
+    assert torch.allclose(m[0, 0], torch.tensor([2, 1, 0, 0]) / 3)
+    assert torch.allclose(m[0, 1], torch.tensor([0, 1, 2, 0]) / 3)
+    assert torch.equal(m[1, 0], torch.tensor([0.0, 0, 0, 1])) and m[2].sum() == 0  # no samples
+    y = torch.zeros(20_000, dtype=torch.long)
+    draws = dd.sample_naive(m, y, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws[:, 1], minlength=4).float() / len(y)
+    assert (freq - m[0, 1]).abs().max() < 0.02
 
 
 def test_student_learns_a_fixed_map():

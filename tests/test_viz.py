@@ -32,3 +32,14 @@ def test_print_table_aligns_and_shows_spreads(capsys):
     assert lines[1].split() == ["a", "1", "0.500±0.010"]
     assert lines[2].split() == ["longer", "10"]
     assert len({len(line.rstrip()) for line in lines[:2]}) == 1
+
+
+def test_show_source_displays_wherever_it_stands_in_a_cell(monkeypatch):
+    """It displays the code itself: a returned object would show only as a cell's last line
+    (two calls in one cell had shown one source)."""
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", shown.append)
+    assert viz.show_source(viz.upscale_factor) is None
+    assert len(shown) == 1 and "def upscale_factor" in shown[0].data

@@ -141,6 +141,8 @@ class Student(nn.Module):
     @torch.no_grad()
     def sample(self, eps: Tensor, y: Tensor, steps: int = 1) -> Tensor:
         """Tokens from noise in one step, or two (the first half fed back)."""
+        if steps not in (1, 2):
+            raise ValueError(f"the student samples in 1 or 2 steps, not {steps}")
         tokens = self(eps, y).argmax(-1)
         if steps == 2:
             m = eps.shape[1] // 2
