@@ -16,6 +16,12 @@ def test_kv_cache_gives_the_logits_of_the_full_forward_pass():
         step_logits.append(ar.run(h, start=i, caches=caches)[:, -1])
         h = ar.tok(tokens[:, i])[:, None]
     assert torch.allclose(torch.stack(step_logits, 1), full, atol=1e-5)
+    # a prefix of 4 positions at once, then the other 5 at once on top of its cache
+    caches = [{} for _ in ar.blocks]
+    h = ar.inputs(tokens[:, :8], y)  # class, tok_1 .. tok_8
+    first = ar.run(h[:, :4], start=0, caches=caches)
+    rest = ar.run(h[:, 4:], start=4, caches=caches)
+    assert torch.allclose(torch.cat([first, rest], 1), full, atol=1e-5)
 
 
 def test_generation_with_and_without_cache_agree():
