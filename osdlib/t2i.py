@@ -53,12 +53,11 @@ def _frozen(module: nn.Module) -> nn.Module:
 
 
 def _checkpointing(module: nn.Module) -> None:
-    """Gradient checkpointing where the module supports it (diffusers or transformers)."""
+    """Gradient checkpointing of a diffusers model that supports it (UNet, VAE). CLIP rewards
+    checkpoint their vision tower themselves (:class:`CLIPReward`): transformers' own switch
+    acts only in training mode, and the frozen rewards are in eval mode."""
     if getattr(module, "_supports_gradient_checkpointing", False):
-        if hasattr(module, "enable_gradient_checkpointing"):  # diffusers
-            module.enable_gradient_checkpointing()
-        elif hasattr(module, "gradient_checkpointing_enable"):  # transformers
-            module.gradient_checkpointing_enable()
+        module.enable_gradient_checkpointing()
 
 
 class OneStepT2I(nn.Module):
@@ -109,7 +108,9 @@ class CLIPReward:
 
     ``prompts`` has one prompt per sample (or one for all). Images in [-1, 1] are resized to
     the vision tower's size (bicubic) and normalised with CLIP's mean and std, differentiably.
-    ``scale=None`` uses the model's own logit scale (PickScore's score)."""
+    ``scale=None`` uses the model's own logit scale (PickScore's score). With
+    ``checkpoint`` (default) the vision tower keeps no activations for the backward pass and
+    runs again there instead (torch.utils.checkpoint), as ReNO's rewards do."""
 
     def __init__(
         self,
@@ -118,8 +119,9 @@ class CLIPReward:
         prompts: Sequence[str],
         scale: float | None = 100.0,
         name: str = "CLIP",
+        checkpoint: bool = True,
     ) -> None:
-        self.model, self.name = _frozen(model), name
+        self.model, self.name, self.checkpoint = _frozen(model), name, checkpoint
         device = next(model.parameters()).device
         with torch.no_grad():
             text = _features(model.get_text_features(input_ids=tokenize(list(prompts)).to(device)))
@@ -135,9 +137,18 @@ class CLIPReward:
         x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False)
         x = (x - self.mean) / self.std
         dtype = next(self.model.parameters()).dtype
-        image = F.normalize(
-            _features(self.model.get_image_features(pixel_values=x.to(dtype))).float(), dim=-1
-        )
+
+        def features(pixels: Tensor) -> Tensor:
+            return _features(self.model.get_image_features(pixel_values=pixels))
+
+        x = x.to(dtype)
+        if self.checkpoint and torch.is_grad_enabled() and x.requires_grad:
+            from torch.utils.checkpoint import checkpoint
+
+            out = checkpoint(features, x, use_reentrant=False)
+        else:
+            out = features(x)
+        image = F.normalize(out.float(), dim=-1)
         return self.scale * (image * self.text).sum(-1)
 
 
@@ -245,7 +256,6 @@ def _clip_reward(prompts, model_id, tokenizer_id, scale, name, device, dtype) ->
         model = CLIPModel.from_pretrained(
             model_id, torch_dtype=dtype, local_files_only=local_only
         ).to(device)
-        _checkpointing(model)
         tokenize = clip_tokenizer(tokenizer_id, local_only=local_only)
         return CLIPReward(model, tokenize, prompts, scale=scale, name=name)
 

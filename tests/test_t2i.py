@@ -39,6 +39,31 @@ def test_clip_reward_is_the_scaled_cosine(tiny):
     assert torch.allclose(pick(x) / pick.scale, r / 100.0, atol=1e-5)
 
 
+def test_clip_reward_checkpoints_its_vision_tower(tiny):
+    """Same value and gradient with and without checkpointing; checkpointed, the vision tower
+    runs again in the backward pass (it kept no activations), although the model is frozen
+    in eval mode (where transformers' own checkpointing switch does nothing)."""
+    _, clip, tokenize = tiny
+    calls = []
+    hook = clip.vision_model.register_forward_hook(lambda *a: calls.append(1))
+    grads, values = [], []
+    try:
+        for checkpoint in (False, True):
+            reward = t2i.CLIPReward(clip, tokenize, ["a red cube"], checkpoint=checkpoint)
+            assert not clip.training
+            x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+            x.requires_grad_(True)
+            calls.clear()
+            value = reward(x)
+            value.sum().backward()
+            assert len(calls) == (2 if checkpoint else 1)
+            grads.append(x.grad)
+            values.append(value.detach())
+    finally:
+        hook.remove()
+    assert torch.allclose(values[0], values[1]) and torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
 def test_reno_runs_on_the_tiny_t2i_stack_and_raises_the_reward(tiny):
     G, clip, tokenize = tiny
     prompts = ["a red cube on a blue sphere", "two dogs"]
