@@ -84,8 +84,11 @@ def test_regulariser_pulls_the_norm_to_the_shell():
     assert torch.allclose(final, torch.full((4,), math.sqrt(d - 1)), atol=0.2)
 
 
-def test_best_iterate_is_chosen_by_reward_not_by_the_last_step():
-    """A reward that peaks at the third forward pass: the result is that iterate."""
+@pytest.mark.parametrize("lam", [0.0, 100.0])
+def test_best_iterate_is_chosen_by_reward_not_by_the_last_step(lam):
+    """A reward that peaks at the third forward pass: the result is that iterate. With a
+    strong regulariser pulling z (far off the shell) in, the total loss keeps falling after
+    that pass (by hundreds, against the reward's drop of 6): the regulariser does not choose."""
     calls = {"n": 0}
 
     def G(z, y):
@@ -97,8 +100,12 @@ def test_best_iterate_is_chosen_by_reward_not_by_the_last_step():
     def reward(x, y):  # a tiny slope so that z moves (each step is clipped to length 1)
         return 1e-6 * x.sum(1) + schedule[calls["n"] - 1]
 
-    z0 = torch.randn(3, 4)
-    out = rn.reno(G, z0, None, [(reward, 1.0)], steps=5, lr=0.1, clip=1.0, lam=0.0)
+    z0 = torch.randn(3, 4) * (10.0 if lam else 1.0)
+    out = rn.reno(G, z0, None, [(reward, 1.0)], steps=5, lr=0.1, clip=1.0, lam=lam)
+    if lam:  # the total loss is lowest at the last pass, far below the best iterate's
+        norm = out.history["norm"]  # (passes, batch)
+        total = -schedule[:, None] + lam * (0.5 * norm**2 - 3 * torch.log(norm))
+        assert (total.argmin(0) == 4).all() and (total[2] - total[4] > 100).all()
     assert calls["n"] == 5
     assert (out.best_step == 2).all()
     assert torch.allclose(out.reward, torch.full((3,), 5.0), atol=1e-4)
