@@ -1,4 +1,4 @@
-"""Text to image for ReNO (chapter 05): SD-Turbo in one step, CLIP and PickScore rewards.
+"""Text to image for ReNO (chapter 05): SD-Turbo in one step, and ReNO's four rewards.
 
 The same :func:`osdlib.methods.reno.reno` loop that moves the noise of the book's digit and
 CIFAR-10 generators runs here on a latent text-to-image model:
@@ -8,16 +8,25 @@ CIFAR-10 generators runs here on a latent text-to-image model:
   of one Euler step from pure noise, which is what SD-Turbo's scheduler computes with one
   step (its trailing spacing starts at t = 999 with latents z sqrt(sigma^2 + 1), and the UNet
   sees z). ``c`` is the text encoder's hidden states of the prompt, computed once.
-* :class:`CLIPReward` — r(x) = s * cos(image features, text features) of a CLIP model, with
-  s = 100 for CLIP (ReNO weight 0.01) and the model's own logit scale for PickScore (a CLIP
-  fine-tuned on human preferences, ReNO weight 0.05). HPSv2 and ImageReward (ReNO weights 5
-  and 1) need their own packages and are not wired here.
+* The rewards ReNO uses, each ``r(x) -> (B,)`` with higher better (ReNO's losses are a
+  constant minus these), on the image ReNO's rewards see: resized to the tower's size
+  (bicubic, antialiased) and normalised with CLIP's mean and std.
 
-Every network is frozen; gradients flow only into z. :func:`load_sd_turbo`,
-:func:`load_clip_reward` and :func:`load_pickscore` fetch the real weights (``pip install
-"osdlib[t2i]"`` and internet or a Hugging Face cache); :func:`tiny_components` builds the
-same classes with random weights from small configs, so that the whole path runs anywhere
-(the tests and the chapter's ``ci``/``book`` runs do that: their pictures are noise).
+  - :class:`CLIPReward` — s * cos(image features, text features) of a transformers CLIP:
+    s = 100 for CLIP (ReNO: laion's CLIP-ViT-H-14, weight 0.01) and the model's own logit
+    scale for PickScore (a CLIP-H fine-tuned on human preferences, weight 0.05).
+  - :class:`HPSReward` — HPSv2: cos(image, text) of an open_clip ViT-H-14 fine-tuned on human
+    preferences (weight 5). Needs ``open_clip_torch`` (in the ``t2i`` extra).
+  - :class:`ImageRewardScore` — ImageReward: a BLIP image-text encoder and an MLP head,
+    standardised by the model's mean and std (weight 1). Needs the ``image-reward`` package,
+    which pins ``timm==0.6.13`` and so cannot share an environment with ``open_clip_torch``:
+    it is not in any extra here.
+
+Every network is frozen; gradients flow only into z. ``load_*`` fetch the real weights
+(internet or a Hugging Face cache); :func:`tiny_components` and :func:`tiny_open_clip` build
+the same classes with random weights from small configs, so that the whole path runs
+anywhere (the tests and the chapter's ``ci``/``book`` runs do that: their pictures are
+noise).
 """
 
 from __future__ import annotations
@@ -53,9 +62,8 @@ def _frozen(module: nn.Module) -> nn.Module:
 
 
 def _checkpointing(module: nn.Module) -> None:
-    """Gradient checkpointing of a diffusers model that supports it (UNet, VAE). CLIP rewards
-    checkpoint their vision tower themselves (:class:`CLIPReward`): transformers' own switch
-    acts only in training mode, and the frozen rewards are in eval mode."""
+    """Gradient checkpointing of a diffusers model that supports it (UNet, VAE). The rewards
+    checkpoint their image tower themselves (:class:`_ImageTextReward`)."""
     if getattr(module, "_supports_gradient_checkpointing", False):
         module.enable_gradient_checkpointing()
 
@@ -103,14 +111,38 @@ class OneStepT2I(nn.Module):
         return image.float().clamp(-1, 1)
 
 
-class CLIPReward:
-    """r(x) = scale * cos(CLIP image features of x, text features of the prompts).
+class _ImageTextReward:
+    """What ReNO's rewards share: images in [-1, 1] go to [0, 1], are resized to the tower's
+    ``size`` (bicubic, antialiased: torchvision's ``Resize`` on a square image, which ReNO
+    applies before every reward) and normalised with CLIP's mean and std, differentiably.
+    With ``checkpoint`` the image tower keeps no activations for the backward pass and runs
+    again there instead (torch.utils.checkpoint), as ReNO's rewards do; transformers' own
+    switch would act only in training mode, and the frozen rewards are in eval mode."""
 
-    ``prompts`` has one prompt per sample (or one for all). Images in [-1, 1] are resized to
-    the vision tower's size (bicubic) and normalised with CLIP's mean and std, differentiably.
-    ``scale=None`` uses the model's own logit scale (PickScore's score). With
-    ``checkpoint`` (default) the vision tower keeps no activations for the backward pass and
-    runs again there instead (torch.utils.checkpoint), as ReNO's rewards do."""
+    def _setup(self, size: int, device: torch.device, checkpoint: bool) -> None:
+        self.size, self.checkpoint = size, checkpoint
+        self.mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
+
+    def pixels(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        x = (x.float().clamp(-1, 1) + 1) / 2
+        x = F.interpolate(
+            x, size=(self.size, self.size), mode="bicubic", align_corners=False, antialias=True
+        )
+        return ((x - self.mean) / self.std).to(dtype)
+
+    def tower(self, fn: Callable[[Tensor], Tensor], pixels: Tensor) -> Tensor:
+        if self.checkpoint and torch.is_grad_enabled() and pixels.requires_grad:
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(fn, pixels, use_reentrant=False)
+        return fn(pixels)
+
+
+class CLIPReward(_ImageTextReward):
+    """r(x) = scale * cos(CLIP image features of x, text features of the prompts), for a
+    transformers ``CLIPModel``. ``prompts`` has one prompt per sample (or one for all).
+    ``scale=None`` uses the model's own logit scale (PickScore's score)."""
 
     def __init__(
         self,
@@ -121,35 +153,98 @@ class CLIPReward:
         name: str = "CLIP",
         checkpoint: bool = True,
     ) -> None:
-        self.model, self.name, self.checkpoint = _frozen(model), name, checkpoint
+        self.model, self.name = _frozen(model), name
         device = next(model.parameters()).device
         with torch.no_grad():
             text = _features(model.get_text_features(input_ids=tokenize(list(prompts)).to(device)))
         self.text = F.normalize(text.float(), dim=-1)
         self.scale = float(model.logit_scale.exp()) if scale is None else scale
-        self.size = model.config.vision_config.image_size
-        dev = {"device": device}
-        self.mean = torch.tensor(CLIP_MEAN, **dev).view(1, 3, 1, 1)
-        self.std = torch.tensor(CLIP_STD, **dev).view(1, 3, 1, 1)
+        self._setup(model.config.vision_config.image_size, device, checkpoint)
 
     def __call__(self, x: Tensor, y=None) -> Tensor:
-        x = (x.float().clamp(-1, 1) + 1) / 2
-        x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False)
-        x = (x - self.mean) / self.std
-        dtype = next(self.model.parameters()).dtype
+        pixels = self.pixels(x, next(self.model.parameters()).dtype)
 
-        def features(pixels: Tensor) -> Tensor:
-            return _features(self.model.get_image_features(pixel_values=pixels))
+        def features(p: Tensor) -> Tensor:
+            return _features(self.model.get_image_features(pixel_values=p))
 
-        x = x.to(dtype)
-        if self.checkpoint and torch.is_grad_enabled() and x.requires_grad:
-            from torch.utils.checkpoint import checkpoint
-
-            out = checkpoint(features, x, use_reentrant=False)
-        else:
-            out = features(x)
-        image = F.normalize(out.float(), dim=-1)
+        image = F.normalize(self.tower(features, pixels).float(), dim=-1)
         return self.scale * (image * self.text).sum(-1)
+
+
+class HPSReward(_ImageTextReward):
+    """HPSv2: r(x) = cos(image features of x, text features of the prompts) of an open_clip
+    model (``encode_image`` / ``encode_text``); ReNO minimises 1 - r with weight 5."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenize: Tokenize,
+        prompts: Sequence[str],
+        name: str = "HPSv2",
+        checkpoint: bool = True,
+    ) -> None:
+        self.model, self.name = _frozen(model), name
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            text = model.encode_text(tokenize(list(prompts)).to(device))
+        self.text = F.normalize(text.float(), dim=-1)
+        size = model.visual.image_size
+        self._setup(size[0] if isinstance(size, tuple | list) else size, device, checkpoint)
+
+    def __call__(self, x: Tensor, y=None) -> Tensor:
+        pixels = self.pixels(x, next(self.model.parameters()).dtype)
+        image = F.normalize(self.tower(self.model.encode_image, pixels).float(), dim=-1)
+        return (image * self.text).sum(-1)
+
+
+class ImageRewardScore(_ImageTextReward):
+    """ImageReward: the BLIP text encoder reads the prompt with cross-attention to the BLIP
+    vision encoder's tokens of x; an MLP head on its first token gives the score,
+    standardised by the model's ``mean`` and ``std``. ``model`` is what the ``image-reward``
+    package's ``load`` returns (its ``blip.tokenizer``, ``blip.visual_encoder``,
+    ``blip.text_encoder``, ``mlp``, ``mean``, ``std``); prompts are cut at 35 tokens, as
+    there. ReNO minimises 2 - r with weight 1."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        prompts: Sequence[str],
+        name: str = "ImageReward",
+        size: int = 224,
+        max_length: int = 35,
+        checkpoint: bool = True,
+    ) -> None:
+        self.model, self.name = _frozen(model), name
+        device = next(model.parameters()).device
+        tokens = model.blip.tokenizer(
+            list(prompts),
+            padding="max_length",
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        self.ids = tokens.input_ids.to(device)
+        self.mask = tokens.attention_mask.to(device)
+        self._setup(size, device, checkpoint)
+
+    def __call__(self, x: Tensor, y=None) -> Tensor:
+        m = self.model
+        dtype = next(m.parameters()).dtype
+        image = self.tower(m.blip.visual_encoder, self.pixels(x, dtype))
+        ids, mask = self.ids, self.mask
+        if len(ids) == 1 and len(x) > 1:  # one prompt for every image
+            ids, mask = ids.expand(len(x), -1), mask.expand(len(x), -1)
+        text = m.blip.text_encoder(
+            ids,
+            attention_mask=mask,
+            encoder_hidden_states=image,
+            encoder_attention_mask=torch.ones(
+                image.shape[:-1], dtype=torch.long, device=ids.device
+            ),
+            return_dict=True,
+        )
+        score = m.mlp(text.last_hidden_state[:, 0, :].to(dtype)).squeeze(-1).float()
+        return (score - float(m.mean)) / float(m.std)
 
 
 def _features(out) -> Tensor:
@@ -166,7 +261,7 @@ class WeightsUnavailable(RuntimeError):
     """The model could not be loaded (no internet and not in the Hugging Face cache)."""
 
 
-def _load(what: str, fn):
+def _load(what: str, fn, install: str = 'pip install "osdlib[t2i]"'):
     """``fn(local_only)``, with a clear :class:`WeightsUnavailable` when it cannot load.
     Without a connection to the Hub, ``local_only`` is true and every ``from_pretrained``
     looks only in the local cache (``local_files_only``: no retries, no waiting)."""
@@ -176,7 +271,7 @@ def _load(what: str, fn):
         return fn(not online("huggingface.co"))
     except ImportError as err:
         raise WeightsUnavailable(
-            f'{what} needs transformers: pip install "osdlib[t2i]" ({err})'
+            f"{what} needs a package that is missing: {install} ({err})"
         ) from err
     except (OSError, ValueError) as err:
         raise WeightsUnavailable(
@@ -229,11 +324,12 @@ def load_sd_turbo(
 
 def load_clip_reward(
     prompts: Sequence[str],
-    model_id: str = "openai/clip-vit-large-patch14",
+    model_id: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
     device: str | torch.device = "cuda",
     dtype: torch.dtype = torch.float16,
 ) -> CLIPReward:
-    """CLIP score (100 x cosine) of each image with its prompt."""
+    """CLIP score (100 x cosine) of each image with its prompt, with ReNO's CLIP (laion's
+    ViT-H-14; its logit scale is 100 too)."""
     return _clip_reward(prompts, model_id, model_id, 100.0, "CLIP", device, dtype)
 
 
@@ -260,6 +356,49 @@ def _clip_reward(prompts, model_id, tokenizer_id, scale, name, device, dtype) ->
         return CLIPReward(model, tokenize, prompts, scale=scale, name=name)
 
     return _load(model_id, load)
+
+
+def load_hpsv2(
+    prompts: Sequence[str],
+    repo_id: str = "xswu/HPSv2",
+    filename: str = "HPS_v2.1_compressed.pt",
+    device: str | torch.device = "cuda",
+    dtype: torch.dtype = torch.float16,
+) -> HPSReward:
+    """HPSv2.1: open_clip's ViT-H-14 architecture with every weight from the HPSv2 checkpoint
+    (so nothing else is downloaded), and open_clip's tokenizer for it."""
+
+    def load(local_only: bool):
+        import open_clip
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(repo_id, filename, local_files_only=local_only)
+        model = open_clip.create_model("ViT-H-14", pretrained=None)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("state_dict", state))
+        model = model.to(device=device, dtype=dtype)
+        tokenizer = open_clip.get_tokenizer("ViT-H-14")
+        return HPSReward(model, lambda p: tokenizer(list(p)), prompts)
+
+    return _load(f"{repo_id}/{filename}", load, 'pip install "osdlib[t2i]" (open_clip_torch)')
+
+
+def load_image_reward(
+    prompts: Sequence[str],
+    name: str = "ImageReward-v1.0",
+    device: str | torch.device = "cuda",
+    dtype: torch.dtype = torch.float16,
+) -> ImageRewardScore:
+    """ImageReward through its own package (``pip install image-reward``, in an environment of
+    its own: it pins ``timm==0.6.13``). The package downloads its weights itself."""
+
+    def load(local_only: bool):
+        import ImageReward
+
+        model = ImageReward.load(name, device=device)
+        return ImageRewardScore(model.to(device=device, dtype=dtype), prompts)
+
+    return _load(name, load, "pip install image-reward, in an environment without open_clip_torch")
 
 
 # --------------------------------------------------------------------------------------
@@ -341,3 +480,18 @@ def tiny_components(seed: int = 0, device: str | torch.device = "cpu"):
     tokenize = toy_tokenizer(text["vocab_size"], text["max_position_embeddings"])
     G = OneStepT2I(unet, vae, text_encoder, tokenize, sched.alphas_cumprod).to(device)
     return G, _frozen(clip.to(device)), tokenize
+
+
+def tiny_open_clip(seed: int = 0, device: str | torch.device = "cpu"):
+    """(model, tokenize): a random open_clip CLIP (32-d towers, 32x32 images, the toy
+    tokenizer's 16 tokens), the stand-in for HPSv2's ViT-H-14. Needs ``open_clip_torch``."""
+    from open_clip.model import CLIP
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = CLIP(
+            embed_dim=32,
+            vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16),
+            text_cfg=dict(context_length=16, vocab_size=1000, width=32, heads=4, layers=2),
+        )
+    return _frozen(model.to(device)), toy_tokenizer(1000, 16)

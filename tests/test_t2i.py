@@ -119,3 +119,206 @@ def test_without_the_hub_only_the_local_cache_is_asked(monkeypatch):
     with pytest.raises(t2i.WeightsUnavailable):
         t2i.load_clip_reward(["x"], device="cpu")
     assert asked == [True, False]
+
+
+# --------------------------------------------------------------------------------------
+# HPSv2 and ImageReward, and the loaders' success paths (no download: stand-ins are
+# returned where the Hub would be asked)
+# --------------------------------------------------------------------------------------
+
+
+def _reno_pixels(x, size):
+    """ReNO's preprocessing, from torchvision: [0, 1], Resize (bicubic, antialiased), CLIP's
+    mean and std."""
+    from torchvision.transforms import InterpolationMode, Normalize, Resize
+
+    x = (x.clamp(-1, 1) + 1) / 2
+    x = Resize(size, interpolation=InterpolationMode.BICUBIC, antialias=True)(x)
+    return Normalize(t2i.CLIP_MEAN, t2i.CLIP_STD)(x)
+
+
+def test_hps_reward_is_the_cosine_of_open_clip_features_on_renos_preprocessing():
+    pytest.importorskip("open_clip")
+    model, tokenize = t2i.tiny_open_clip(seed=0)
+    prompts = ["a red cube", "two dogs", "a cat"]
+    reward = t2i.HPSReward(model, tokenize, prompts)
+    x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        image = torch.nn.functional.normalize(model.encode_image(_reno_pixels(x, 32)), dim=-1)
+        text = torch.nn.functional.normalize(model.encode_text(tokenize(prompts)), dim=-1)
+        expected = (image * text).sum(-1)
+        assert torch.allclose(reward(x), expected, atol=1e-5)
+    x.requires_grad_(True)
+    reward(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+class _Transpose(torch.nn.Module):
+    def forward(self, x):
+        return x.transpose(1, 2)
+
+
+class _StandInBLIP(torch.nn.Module):
+    """The attributes ImageRewardScore reads from the image-reward package's model, with tiny
+    random layers: a patch encoder, a text encoder that attends to the image tokens, an MLP
+    head, mean and std. It checks the wiring, not ImageReward's network."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        blip = torch.nn.Module()
+        blip.visual_encoder = torch.nn.Sequential(  # (B, patches, 16) image tokens
+            torch.nn.Conv2d(3, 16, 4, stride=4), torch.nn.Flatten(2), _Transpose()
+        )
+        embed = torch.nn.Embedding(100, 16)
+        attend = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+
+        def tokenizer(prompts, padding, truncation, max_length, return_tensors):
+            assert (padding, truncation, return_tensors) == ("max_length", True, "pt")
+            ids = torch.tensor([[1 + len(w) for w in p.split()][:max_length] for p in prompts])
+            ids = torch.nn.functional.pad(ids, (0, max_length - ids.shape[1]))
+            return type("Tokens", (), {"input_ids": ids, "attention_mask": (ids > 0).long()})
+
+        class TextEncoder(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.embed, self.attend = embed, attend
+
+            def forward(
+                self,
+                ids,
+                attention_mask,
+                encoder_hidden_states,
+                encoder_attention_mask,
+                return_dict,
+            ):
+                assert (
+                    return_dict and encoder_attention_mask.shape == encoder_hidden_states.shape[:-1]
+                )
+                h = self.embed(ids) * attention_mask[..., None]
+                out, _ = self.attend(h, encoder_hidden_states, encoder_hidden_states)
+                return type("Out", (), {"last_hidden_state": h + out})
+
+        blip.text_encoder = TextEncoder()
+        blip.tokenizer = tokenizer
+        self.blip = blip
+        self.mlp = torch.nn.Linear(16, 1)
+        self.mean, self.std = 0.167, 1.033
+
+    def expected(self, x, prompt, size):
+        tokens = self.blip.tokenizer([prompt], "max_length", True, 35, "pt")
+        image = self.blip.visual_encoder(_reno_pixels(x, size))
+        ids = tokens.input_ids.expand(len(x), -1)
+        mask = tokens.attention_mask.expand(len(x), -1)
+        ones = torch.ones(image.shape[:-1], dtype=torch.long)
+        h = self.blip.text_encoder(ids, mask, image, ones, True).last_hidden_state
+        return (self.mlp(h[:, 0]).squeeze(-1) - self.mean) / self.std
+
+
+def test_image_reward_score_follows_the_packages_model():
+    model = _StandInBLIP()
+    reward = t2i.ImageRewardScore(model, ["a small red cube"], size=16)
+    x = torch.rand(3, 3, 40, 40, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(reward(x), model.expected(x, "a small red cube", 16), atol=1e-5)
+    x.requires_grad_(True)
+    values = []
+    for checkpoint in (True, False):
+        reward.checkpoint = checkpoint
+        x.grad = None
+        value = reward(x)
+        value.sum().backward()
+        values.append((value.detach(), x.grad.clone()))
+    assert torch.allclose(values[0][0], values[1][0]) and torch.allclose(
+        values[0][1], values[1][1], atol=1e-6
+    )
+
+
+def test_load_hpsv2_builds_the_architecture_and_loads_every_weight(monkeypatch, tmp_path):
+    pytest.importorskip("open_clip")
+    import huggingface_hub
+    import open_clip
+
+    from osdlib import data
+
+    trained, tokenize = t2i.tiny_open_clip(seed=0)
+    path = tmp_path / "HPS_v2.1_compressed.pt"
+    torch.save({"state_dict": trained.state_dict()}, path)
+    asked = []
+
+    def download(repo_id, filename, local_files_only=False):
+        asked.append((repo_id, filename, local_files_only))
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(
+        open_clip, "create_model", lambda name, pretrained=None: t2i.tiny_open_clip(seed=1)[0]
+    )
+    monkeypatch.setattr(open_clip, "get_tokenizer", lambda name: tokenize)
+    monkeypatch.setattr(data, "online", lambda host, timeout=3.0: False)
+    reward = t2i.load_hpsv2(["a red cube"], device="cpu", dtype=torch.float32)
+    assert asked == [("xswu/HPSv2", "HPS_v2.1_compressed.pt", True)]
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(reward(x), t2i.HPSReward(trained, tokenize, ["a red cube"])(x))
+
+
+def test_load_sd_turbo_and_clip_rewards_assemble_the_pieces(monkeypatch, tiny):
+    import diffusers
+    import transformers
+
+    G, clip, tokenize = tiny
+    calls = []
+
+    def pretrained(obj):
+        def load(model_id, subfolder="", **kw):
+            calls.append((model_id, subfolder, kw.get("torch_dtype"), kw["local_files_only"]))
+            return obj
+
+        return load
+
+    sched = diffusers.DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+    )
+    for cls, obj in [
+        (diffusers.UNet2DConditionModel, G.unet),
+        (diffusers.AutoencoderKL, G.vae),
+        (transformers.CLIPTextModel, G.text_encoder),
+        (diffusers.DDPMScheduler, sched),
+        (transformers.CLIPModel, clip),
+    ]:
+        monkeypatch.setattr(cls, "from_pretrained", pretrained(obj))
+    monkeypatch.setattr(t2i, "clip_tokenizer", lambda *a, **k: tokenize)
+    from osdlib import data
+
+    monkeypatch.setattr(data, "online", lambda host, timeout=3.0: True)
+    loaded = t2i.load_sd_turbo(device="cpu")
+    assert [c[:2] for c in calls] == [
+        ("stabilityai/sd-turbo", s) for s in ("unet", "vae", "text_encoder", "scheduler")
+    ]
+    assert all(c[2] == torch.float16 for c in calls[:3]) and not any(c[3] for c in calls)
+    z = torch.randn(1, *G.latent_shape)
+    c = loaded.encode(["a cat"])
+    with torch.no_grad():
+        assert torch.allclose(loaded(z, c), G(z, c)) and loaded.timestep == 999
+    clip_reward = t2i.load_clip_reward(["a cat"], device="cpu")
+    pick = t2i.load_pickscore(["a cat"], device="cpu")
+    assert calls[-2][0] == "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # ReNO's CLIP
+    assert calls[-1][0] == "yuvalkirstain/PickScore_v1"
+    assert clip_reward.scale == 100.0 and pick.scale == pytest.approx(float(clip.logit_scale.exp()))
+
+
+def test_load_image_reward_uses_the_package_or_says_how_to_get_it(monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "ImageReward", None)
+    with pytest.raises(t2i.WeightsUnavailable, match="pip install image-reward"):
+        t2i.load_image_reward(["x"], device="cpu")
+    model = _StandInBLIP()
+    loaded = []
+    package = types.SimpleNamespace(load=lambda name, device: loaded.append(name) or model)
+    monkeypatch.setitem(sys.modules, "ImageReward", package)
+    reward = t2i.load_image_reward(["a cat"], device="cpu", dtype=torch.float32)
+    assert loaded == ["ImageReward-v1.0"] and isinstance(reward, t2i.ImageRewardScore)
