@@ -576,7 +576,7 @@ CHAPTERS: dict[str, dict[str, dict[str, Any]]] = {
         },
         "book": {
             "generators": ["2-rf-distilled", "ect", "dmd2"],
-            "generator_scale": 0.5,
+            "generator_scale": 1.0,
             "generator_seconds": None,
             "generator_overrides": {},
             "batch": 500,

@@ -19,7 +19,7 @@ CIFAR-10 generators runs here on a latent text-to-image model:
     preferences (weight 5). Needs ``open_clip_torch`` (in the ``t2i`` extra).
   - :class:`ImageRewardScore` — ImageReward: a BLIP image-text encoder and an MLP head,
     standardised by the model's mean and std (weight 1). Needs the ``image-reward`` package,
-    which pins ``timm==0.6.13`` and so cannot share an environment with ``open_clip_torch``:
+    which pins ``timm==0.6.13`` and so cannot share an environment with ``open_clip_torch`` 3:
     it is not in any extra here.
 
 Every network is frozen; gradients flow only into z. ``load_*`` fetch the real weights
