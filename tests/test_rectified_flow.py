@@ -74,6 +74,40 @@ def test_annealed_noise_endpoints():
     assert mid.std().item() == pytest.approx(1.0, abs=0.03)  # stays N(0, I)
 
 
+class _Pairs:
+    def batch(self, n, generator=None):
+        return torch.randn(n, 2), torch.randn(n, 2), None
+
+
+class _Velocity(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+
+    def forward(self, x, t, y=None):
+        return self.lin(torch.cat([x, t.reshape(-1, 1).expand(len(x), 1)], 1))
+
+
+def test_annealing_follows_the_steps_or_under_a_cap_the_clock(monkeypatch):
+    import time
+
+    seen = []
+    real = rf.annealed_noise
+    monkeypatch.setattr(rf, "annealed_noise", lambda z, b, g=None: seen.append(b) or real(z, b, g))
+    rf.train_annealing_reflow(_Velocity(), _Pairs(), steps=10, batch=4, progress=False)
+    assert seen == pytest.approx([1 - i / 10 for i in range(10)])
+    # a cap that stops the run long before its planned steps: b must still reach about 0
+    clock = iter(range(10**6))
+    monkeypatch.setattr(time, "perf_counter", lambda: 0.01 * next(clock))
+    seen.clear()
+    run = rf.train_annealing_reflow(
+        _Velocity(), _Pairs(), steps=10**6, batch=4, max_seconds=1.0, progress=False
+    )
+    assert run.stopped_early and 5 < len(seen) < 1000
+    assert seen[0] == 1.0 and min(seen) < 0.1
+    assert all(a >= b for a, b in zip(seen, seen[1:], strict=False))
+
+
 def test_reflow_straightens_and_fixes_one_step_on_8_gaussians(tmp_path):
     """The chapter's claim at a small size: 2-RF paths are much straighter than 1-RF's, and
     one Euler step of 2-RF is much closer to the data."""

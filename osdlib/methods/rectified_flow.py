@@ -21,6 +21,7 @@ velocity net v(x_t, t, y) is integrated from t = 1 to 0.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -231,12 +232,22 @@ def train_distill(
 def train_annealing_reflow(
     net: nn.Module, pairs, steps: int, batch: int = 256, anneal_steps: int | None = None, **kwargs
 ) -> TrainResult:
-    """SlimFlow stage 1: reflow from scratch with b annealed linearly from 1 to 0."""
+    """SlimFlow stage 1: reflow from scratch with b annealed linearly from 1 to 0 over
+    ``anneal_steps`` (default ``steps``). Under a wall-clock cap (``max_seconds``) b follows
+    whichever is further along, the steps or the time, so that the annealing ends by the cap
+    (a cap usually stops training long before the planned steps)."""
     anneal = anneal_steps or steps
+    cap = kwargs.get("max_seconds")
+    start: list[float] = []
 
     def loss_fn(m, b, g, step):
         x, z, y = b
-        return reflow_loss(m, x, annealed_noise(z, max(0.0, 1 - step / anneal), g), y, g)
+        done = step / anneal
+        if cap:
+            now = time.perf_counter()
+            start[:] = start or [now]
+            done = max(done, (now - start[0]) / cap)
+        return reflow_loss(m, x, annealed_noise(z, max(0.0, 1 - done), g), y, g)
 
     return train(
         net,
