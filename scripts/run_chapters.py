@@ -153,6 +153,33 @@ def chapter_overrides(chapter: str, profile: str, given: dict, dry_run: bool) ->
     return out
 
 
+def source_generator_overrides(profile: str, given: dict, dry_run: bool) -> tuple[dict, list[str]]:
+    """Chapter 05's ``generator_overrides`` in a chain: the recipe settings that chapters 01,
+    02 and 04 ran with (their overrides in this chain, dry-run shrinking included), so that 05
+    finds the generators they stored. One dict serves every kind, so a setting two source
+    chapters share (``batch``) must agree; returns (overrides, kinds that 05 would still
+    have to retrain because it does not)."""
+    from osdlib import generators, profiles
+
+    numbers = {nb.stem[3:]: nb.name[:2] for nb in chapters(None)}
+    ran_with, merged = {}, {}
+    for kind, (chapter, _) in generators.KINDS.items():
+        ov = chapter_overrides(chapter, profile, given, dry_run)
+        ov.update(given.get(numbers[chapter], {}))
+        ran_with[kind] = profiles.resolve(chapter, profile, overrides=ov)
+        default = profiles.resolve(chapter, profile)
+        for key in generators.recipe_of(kind, ran_with[kind]):
+            if key in ov and ran_with[kind][key] != default[key]:
+                merged[key] = ran_with[kind][key]
+    retrain = [
+        kind
+        for kind in generators.KINDS
+        if generators.recipe(kind, profile, 1.0, merged)
+        != generators.recipe_of(kind, ran_with[kind])
+    ]
+    return merged, retrain
+
+
 def extract_figures(notebook: Path, folder: Path) -> list[Path]:
     """Write every PNG output of an executed notebook to ``folder`` (NN-cellMM-K.png)."""
     nb = json.loads(notebook.read_text())
@@ -351,6 +378,16 @@ def main(argv: list[str] | None = None) -> int:
                 continue
         number, chapter_id = notebook.name[:2], notebook.stem[3:]
         overrides = chapter_overrides(chapter_id, profile, given, args.dry_run)
+        if chapter_id == "reno" and "generator_overrides" not in given.get(number, {}):
+            # the generators chapters 01, 02 and 04 stored in this chain, whatever they ran with
+            found, retrain = source_generator_overrides(profile, given, args.dry_run)
+            overrides["generator_overrides"] = found
+            if retrain:
+                print(
+                    f"=== {notebook.stem}: will retrain {', '.join(retrain)}: the source "
+                    "chapters' overrides disagree on a setting they share",
+                    flush=True,
+                )
         overrides.update(given.get(number, {}))
         chapter_parameters = dict(parameters, **({"overrides": overrides} if overrides else {}))
         if number != "00":  # the teacher chapter 00 trained: the same settings find it

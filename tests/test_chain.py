@@ -195,6 +195,27 @@ def test_a_dry_run_is_small_at_every_profile(profile):
             assert r.get("pairs", 0) <= 64
 
 
+def test_chapter_05_in_a_chain_asks_for_the_generators_its_source_chapters_trained():
+    from osdlib import generators, profiles
+
+    rc = _script()
+    found, retrain = rc.source_generator_overrides(
+        "gpu", {"04": {"steps": 7}, "02": {"ect_steps": 9}}, False
+    )
+    assert found == {"ect_steps": 9, "steps": 7} and retrain == []
+    ran = profiles.resolve("dmd2", "gpu", overrides={"steps": 7})
+    assert generators.recipe("dmd2", "gpu", 1.0, found) == generators.recipe_of("dmd2", ran)
+    assert rc.source_generator_overrides("gpu", {}, False) == ({}, [])
+    assert rc.source_generator_overrides("gpu", {"all": {"batch": 16}}, False) == (
+        {"batch": 16},
+        [],
+    )
+    # a setting the sources share, changed for one of them: the others cannot be found
+    assert rc.source_generator_overrides("gpu", {"01": {"batch": 16}}, False)[1] == ["ect", "dmd2"]
+    dry, retrain = rc.source_generator_overrides("paper", {}, True)
+    assert retrain == [] and max(v for k, v in dry.items() if k.endswith("steps")) <= 3
+
+
 def test_gpu_chain_dry_run_on_a_class_folder_fixture(tmp_path):
     import os
 
