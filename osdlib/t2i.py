@@ -31,6 +31,7 @@ noise).
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable, Sequence
 
 import torch
@@ -374,7 +375,14 @@ def load_hpsv2(
 
         path = hf_hub_download(repo_id, filename, local_files_only=local_only)
         model = open_clip.create_model("ViT-H-14", pretrained=None)
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:  # tensors only: a checkpoint is never allowed to run code here
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise WeightsUnavailable(
+                f"{path} holds more than tensors, which this loader does not unpickle; "
+                "if you trust it, load it with torch.load(..., weights_only=False) and build "
+                f"t2i.HPSReward yourself ({err})"
+            ) from err
         model.load_state_dict(state.get("state_dict", state))
         model = model.to(device=device, dtype=dtype)
         tokenizer = open_clip.get_tokenizer("ViT-H-14")

@@ -262,6 +262,12 @@ def test_load_hpsv2_builds_the_architecture_and_loads_every_weight(monkeypatch, 
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         assert torch.allclose(reward(x), t2i.HPSReward(trained, tokenize, ["a red cube"])(x))
+    # a checkpoint that holds more than tensors is refused, not unpickled
+    import argparse
+
+    torch.save({"state_dict": trained.state_dict(), "args": argparse.Namespace(a=1)}, path)
+    with pytest.raises(t2i.WeightsUnavailable, match="holds more than tensors"):
+        t2i.load_hpsv2(["a red cube"], device="cpu", dtype=torch.float32)
 
 
 def test_load_sd_turbo_and_clip_rewards_assemble_the_pieces(monkeypatch, tiny):
