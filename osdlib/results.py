@@ -281,7 +281,9 @@ def value_text(r: dict, stated: bool = False) -> str:
     the paper states it (11.35, not 11.3).
     """
     value, std = r.get("value"), r.get("std")
-    if stated and isinstance(value, float):
+    if stated and r.get("value_stated"):  # as printed, trailing zeros included (0.60)
+        text = r["value_stated"]
+    elif stated and isinstance(value, float):
         text = f"{value:g}"
     elif isinstance(value, (int, float)) and isinstance(std, (int, float)):
         text = mean_std_text(value, std)

@@ -129,6 +129,10 @@ def test_seed_spread_is_shown_where_a_row_has_one(tmp_path):
     assert results.value_text({"value": 0.14, "seeds": 1}) == "0.14"  # one seed: nothing said
     assert results.value_text({"value": 11.35}) == "11.3"  # ours: three significant figures
     assert results.value_text({"value": 11.35}, stated=True) == "11.35"  # a paper's: as stated
+    printed = {"value": 0.6, "value_stated": "0.60"}  # the trailing zero the float drops
+    assert results.value_text(printed, stated=True) == "0.60"
+    geneval = {(p["model"], p.get("value_stated")) for p in results.paper_rows("reno")}
+    assert ("SD-Turbo, best-of-50", "0.60") in geneval
     table = results.rows_markdown(
         [{"source": "paper: X", "model": "m", "metric": "FID", "value": 157.5}]
     )
