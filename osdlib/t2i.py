@@ -19,8 +19,9 @@ CIFAR-10 generators runs here on a latent text-to-image model:
     preferences (weight 5). Needs ``open_clip_torch`` (in the ``t2i`` extra).
   - :class:`ImageRewardScore` — ImageReward: a BLIP image-text encoder and an MLP head,
     standardised by the model's mean and std (weight 1). Needs the ``image-reward`` package,
-    which pins ``timm==0.6.13`` and so cannot share an environment with ``open_clip_torch`` 3:
-    it is not in any extra here.
+    which pins ``timm==0.6.13``: it fits beside ``open_clip_torch`` 2.24 (ReNO's own
+    environment) but not beside ``open_clip_torch`` 3 (``timm>=1.0.17``), which is what the
+    ``t2i`` extra installs today, so it is not in any extra here.
 
 Every network is frozen; gradients flow only into z. ``load_*`` fetch the real weights
 (internet or a Hugging Face cache); :func:`tiny_components` and :func:`tiny_open_clip` build
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -117,8 +119,9 @@ class _ImageTextReward:
     ``size`` (bicubic, antialiased: torchvision's ``Resize`` on a square image, which ReNO
     applies before every reward) and normalised with CLIP's mean and std, differentiably.
     With ``checkpoint`` the image tower keeps no activations for the backward pass and runs
-    again there instead (torch.utils.checkpoint), as ReNO's rewards do; transformers' own
-    switch would act only in training mode, and the frozen rewards are in eval mode."""
+    again there instead (torch.utils.checkpoint). ReNO asks for gradient checkpointing too,
+    but only its HPSv2 (open_clip) really gets it: transformers' switch, which it uses for
+    CLIP and PickScore, acts only in training mode, and the frozen rewards are in eval mode."""
 
     def _setup(self, size: int, device: torch.device, checkpoint: bool) -> None:
         self.size, self.checkpoint = size, checkpoint
@@ -394,19 +397,33 @@ def load_hpsv2(
 def load_image_reward(
     prompts: Sequence[str],
     name: str = "ImageReward-v1.0",
+    download_root: str | Path | None = None,
     device: str | torch.device = "cuda",
     dtype: torch.dtype = torch.float16,
 ) -> ImageRewardScore:
-    """ImageReward through its own package (``pip install image-reward``, in an environment of
-    its own: it pins ``timm==0.6.13``). The package downloads its weights itself."""
+    """ImageReward through its own package (``pip install image-reward``; see the module's
+    note on ``timm``). The package downloads ``ImageReward.pt`` and ``med_config.json`` to
+    ``download_root`` (its default ``~/.cache/ImageReward``) itself; without a connection to
+    the Hub only files already there are used, and their absence is said at once."""
 
     def load(local_only: bool):
         import ImageReward
 
-        model = ImageReward.load(name, device=device)
+        root = Path(download_root or Path.home() / ".cache" / "ImageReward")
+        checkpoint, config = root / "ImageReward.pt", root / "med_config.json"
+        if local_only:
+            if not (checkpoint.exists() and config.exists()):
+                raise OSError(f"ImageReward's files are not in {root}")
+            model = ImageReward.load(str(checkpoint), device=device, med_config=str(config))
+        else:
+            model = ImageReward.load(name, device=device, download_root=str(root))
         return ImageRewardScore(model.to(device=device, dtype=dtype), prompts)
 
-    return _load(name, load, "pip install image-reward, in an environment without open_clip_torch")
+    return _load(
+        name,
+        load,
+        "pip install image-reward (beside open_clip_torch 2.24, or in an environment of its own)",
+    )
 
 
 # --------------------------------------------------------------------------------------

@@ -210,7 +210,9 @@ def train(
     when passed in. ``max_seconds`` is a wall-clock cap: training stops after the step during which it is
     reached, and ``TrainResult.steps`` says how many steps ran (``stopped_early`` is set).
     The ``gpu`` profile uses it so that a chapter keeps to its time budget on any GPU; the
-    schedules of a method still refer to the planned ``steps``. ``amp=False`` turns off
+    schedules of a method still refer to the planned ``steps`` (except SlimFlow's annealing,
+    which ends by the cap: :func:`~osdlib.methods.rectified_flow.train_annealing_reflow`).
+    ``amp=False`` turns off
     bf16 autocast on CUDA (small 2-D models want full precision and gain nothing from it).
     """
     import inspect

@@ -104,7 +104,7 @@ def test_annealing_follows_the_steps_or_under_a_cap_the_clock(monkeypatch):
         _Velocity(), _Pairs(), steps=10**6, batch=4, max_seconds=1.0, progress=False
     )
     assert run.stopped_early and 5 < len(seen) < 1000
-    assert seen[0] == 1.0 and min(seen) < 0.1
+    assert seen[0] > 0.9 and min(seen) < 0.1
     assert all(a >= b for a, b in zip(seen, seen[1:], strict=False))
 
 

@@ -148,6 +148,9 @@ def test_hps_reward_is_the_cosine_of_open_clip_features_on_renos_preprocessing()
         text = torch.nn.functional.normalize(model.encode_text(tokenize(prompts)), dim=-1)
         expected = (image * text).sum(-1)
         assert torch.allclose(reward(x), expected, atol=1e-5)
+        one = t2i.HPSReward(model, tokenize, ["a cat"])(x)  # one prompt for every image
+        text = torch.nn.functional.normalize(model.encode_text(tokenize(["a cat"])), dim=-1)
+        assert torch.allclose(one, (image * text).sum(-1), atol=1e-5)
     x.requires_grad_(True)
     reward(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
@@ -166,7 +169,11 @@ class _StandInBLIP(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        torch.manual_seed(0)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self._build()
+
+    def _build(self):
         blip = torch.nn.Module()
         blip.visual_encoder = torch.nn.Sequential(  # (B, patches, 16) image tokens
             torch.nn.Conv2d(3, 16, 4, stride=4), torch.nn.Flatten(2), _Transpose()
@@ -176,8 +183,8 @@ class _StandInBLIP(torch.nn.Module):
 
         def tokenizer(prompts, padding, truncation, max_length, return_tensors):
             assert (padding, truncation, return_tensors) == ("max_length", True, "pt")
-            ids = torch.tensor([[1 + len(w) for w in p.split()][:max_length] for p in prompts])
-            ids = torch.nn.functional.pad(ids, (0, max_length - ids.shape[1]))
+            rows = [[1 + len(w) for w in p.split()][:max_length] for p in prompts]
+            ids = torch.tensor([r + [0] * (max_length - len(r)) for r in rows])
             return type("Tokens", (), {"input_ids": ids, "attention_mask": (ids > 0).long()})
 
         class TextEncoder(torch.nn.Module):
@@ -206,22 +213,29 @@ class _StandInBLIP(torch.nn.Module):
         self.mlp = torch.nn.Linear(16, 1)
         self.mean, self.std = 0.167, 1.033
 
-    def expected(self, x, prompt, size):
-        tokens = self.blip.tokenizer([prompt], "max_length", True, 35, "pt")
-        image = self.blip.visual_encoder(_reno_pixels(x, size))
-        ids = tokens.input_ids.expand(len(x), -1)
-        mask = tokens.attention_mask.expand(len(x), -1)
-        ones = torch.ones(image.shape[:-1], dtype=torch.long)
-        h = self.blip.text_encoder(ids, mask, image, ones, True).last_hidden_state
-        return (self.mlp(h[:, 0]).squeeze(-1) - self.mean) / self.std
+    def expected(self, x, prompts, size):
+        """The score of each image alone, with its own prompt (or the one prompt)."""
+        scores = []
+        for i in range(len(x)):
+            tokens = self.blip.tokenizer([prompts[i % len(prompts)]], "max_length", True, 35, "pt")
+            image = self.blip.visual_encoder(_reno_pixels(x[i : i + 1], size))
+            ones = torch.ones(image.shape[:-1], dtype=torch.long)
+            h = self.blip.text_encoder(
+                tokens.input_ids, tokens.attention_mask, image, ones, True
+            ).last_hidden_state
+            scores.append((self.mlp(h[:, 0]).squeeze(-1) - self.mean) / self.std)
+        return torch.cat(scores)
 
 
 def test_image_reward_score_follows_the_packages_model():
     model = _StandInBLIP()
     reward = t2i.ImageRewardScore(model, ["a small red cube"], size=16)
     x = torch.rand(3, 3, 40, 40, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    with torch.no_grad():
-        assert torch.allclose(reward(x), model.expected(x, "a small red cube", 16), atol=1e-5)
+    prompts = ["a cat", "two big brown dogs", "a red cube on a table"]
+    with torch.no_grad():  # one prompt for every image, and one prompt per image
+        assert torch.allclose(reward(x), model.expected(x, ["a small red cube"], 16), atol=1e-5)
+        each = t2i.ImageRewardScore(model, prompts, size=16)
+        assert torch.allclose(each(x), model.expected(x, prompts, 16), atol=1e-5)
     x.requires_grad_(True)
     values = []
     for checkpoint in (True, False):
@@ -315,16 +329,34 @@ def test_load_sd_turbo_and_clip_rewards_assemble_the_pieces(monkeypatch, tiny):
     assert clip_reward.scale == 100.0 and pick.scale == pytest.approx(float(clip.logit_scale.exp()))
 
 
-def test_load_image_reward_uses_the_package_or_says_how_to_get_it(monkeypatch):
+def test_load_image_reward_uses_the_package_or_says_how_to_get_it(monkeypatch, tmp_path):
     import sys
     import types
 
     monkeypatch.setitem(sys.modules, "ImageReward", None)
     with pytest.raises(t2i.WeightsUnavailable, match="pip install image-reward"):
         t2i.load_image_reward(["x"], device="cpu")
+    from osdlib import data
+
     model = _StandInBLIP()
     loaded = []
-    package = types.SimpleNamespace(load=lambda name, device: loaded.append(name) or model)
-    monkeypatch.setitem(sys.modules, "ImageReward", package)
-    reward = t2i.load_image_reward(["a cat"], device="cpu", dtype=torch.float32)
-    assert loaded == ["ImageReward-v1.0"] and isinstance(reward, t2i.ImageRewardScore)
+
+    def load(name, device, download_root=None, med_config=None):
+        loaded.append((name, download_root, med_config))
+        return model
+
+    monkeypatch.setitem(sys.modules, "ImageReward", types.SimpleNamespace(load=load))
+    monkeypatch.setattr(data, "online", lambda host, timeout=3.0: True)
+    reward = t2i.load_image_reward(
+        ["a cat"], download_root=tmp_path, device="cpu", dtype=torch.float32
+    )
+    assert loaded == [("ImageReward-v1.0", str(tmp_path), None)]
+    assert isinstance(reward, t2i.ImageRewardScore)
+    # offline: only the files already downloaded, and their absence said at once
+    monkeypatch.setattr(data, "online", lambda host, timeout=3.0: False)
+    with pytest.raises(t2i.WeightsUnavailable, match="files are not in"):
+        t2i.load_image_reward(["a cat"], download_root=tmp_path, device="cpu")
+    for name in ("ImageReward.pt", "med_config.json"):
+        (tmp_path / name).write_bytes(b"")
+    t2i.load_image_reward(["a cat"], download_root=tmp_path, device="cpu", dtype=torch.float32)
+    assert loaded[-1] == (str(tmp_path / "ImageReward.pt"), None, str(tmp_path / "med_config.json"))

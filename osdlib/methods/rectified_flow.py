@@ -234,19 +234,18 @@ def train_annealing_reflow(
 ) -> TrainResult:
     """SlimFlow stage 1: reflow from scratch with b annealed linearly from 1 to 0 over
     ``anneal_steps`` (default ``steps``). Under a wall-clock cap (``max_seconds``) b follows
-    whichever is further along, the steps or the time, so that the annealing ends by the cap
-    (a cap usually stops training long before the planned steps)."""
+    whichever is further along, the steps or the time since this call, so that the annealing
+    ends by the cap (a cap usually stops training long before the planned steps). A run
+    resumed from a checkpoint counts its time from the resumption."""
     anneal = anneal_steps or steps
     cap = kwargs.get("max_seconds")
-    start: list[float] = []
+    start = time.perf_counter()
 
     def loss_fn(m, b, g, step):
         x, z, y = b
         done = step / anneal
         if cap:
-            now = time.perf_counter()
-            start[:] = start or [now]
-            done = max(done, (now - start[0]) / cap)
+            done = max(done, (time.perf_counter() - start) / cap)
         return reflow_loss(m, x, annealed_noise(z, max(0.0, 1 - done), g), y, g)
 
     return train(
