@@ -113,9 +113,8 @@ def shrink(settings: dict) -> dict:
     that a CPU runs the whole chain at a GPU profile's settings in minutes."""
     small = {}
     for key, value in settings.items():
-        if key == "generator_overrides":  # the source chapters' sizes, whatever the profile
-            steps = ("reflow_steps", "distill_steps", "ect_steps", "steps")
-            small[key] = {"batch": 8, "pair_steps": 2, "pairs": 64, **dict.fromkeys(steps, 3)}
+        if key == "generator_overrides":  # what the source chapters' dry runs trained
+            small[key] = source_generator_overrides(settings["profile"], {}, True)[0]
             continue
         if key == "t2i":  # SD-Turbo is a GPU model: a dry run takes the tiny random stack
             small[key] = "tiny"
