@@ -98,3 +98,44 @@ def test_quick_run_writes_a_complete_record(tmp_path):
         )
         assert c["book"]["params"] > 0 and c["torchcfm"]["params"] > 0
     assert "| ch | profile |" in proc.stdout  # the markdown summary
+
+
+def _judge_strength():
+    spec = importlib.util.spec_from_file_location(
+        "bench_judge", ROOT / "benchmarks" / "judge_strength.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_judge_strength_on_digits_and_on_a_class_folder(tmp_path, capsys, monkeypatch):
+    import numpy as np
+    import pytest
+    from PIL import Image
+
+    monkeypatch.setenv("OSD_PROGRESS", "0")
+    judge = _judge_strength()
+    # digits: an MLP on pixels learns them, far above chance (0.1)
+    rec = judge.main(["--steps", "300", "--device", "cpu"])
+    m = rec["metrics"]
+    assert rec["profile"] == "book" and list(m["test_accuracy"]) == ["300"]
+    assert m["test_accuracy"]["300"] > 0.8 and m["images"] == 1797 and m["seed"] == 1
+    # bad input: one message that says what --data needs
+    with pytest.raises(SystemExit, match="not a class folder"):
+        judge.main(["--data", str(tmp_path / "missing")])
+    # a class folder of random images: a record per step count, written where asked
+    rng = np.random.default_rng(0)
+    for c in range(10):
+        (tmp_path / "train" / f"class{c}").mkdir(parents=True)
+        for i in range(5):
+            img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(img).save(tmp_path / "train" / f"class{c}" / f"{i}.png")
+    out = tmp_path / "results" / "judge.json"
+    argv = ["--data", str(tmp_path / "train"), "--steps", "2", "3", "--label", "random"]
+    rec = judge.main(argv + ["--device", "cpu", "--out", str(out)])
+    assert f"wrote {out}" in capsys.readouterr().out and json.loads(out.read_text()) == rec
+    m = rec["metrics"]
+    assert rec["profile"] == "gpu" and rec["dataset"] == "random" and m["images"] == 50
+    assert list(m["test_accuracy"]) == ["2", "3"] and m["chance"] == 0.1
+    assert all(0 <= a <= 1 for a in m["test_accuracy"].values())
