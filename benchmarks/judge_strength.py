@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     accuracy, wall = {}, {}
     for n in steps:
+        torch.manual_seed(args.seed)  # the MLP's dropout draws from the global generator
         _, info = metrics.train_classifier(
             images,
             n,
