@@ -62,6 +62,9 @@ _RECIPE_KEYS = {
     "ect": ("ect_steps", "ect_stages", "ect_lr", "batch", "image_seconds"),
     "dmd2": ("steps", "batch", "lr", "fake_lr", "ttur", "gan_gen", "gan_critic", "image_seconds"),
 }
+# settings of chapter 01 outside its recipe keys that still change the 2-RF coupling (how
+# its pairs are sampled and stored); in the key of ``2-rf-distilled`` and overridable
+_COUPLING_KEYS = ("fp16_pairs", "sample_bf16")
 _STEP_KEYS = {"pairs", "reflow_steps", "distill_steps", "ect_steps", "steps"}
 
 
@@ -92,7 +95,7 @@ def recipe(kind: str, profile: str, scale: float = 1.0, overrides: dict | None =
     unknown keys are an error)."""
     if kind not in KINDS:
         raise ValueError(f"unknown generator {kind!r}; valid kinds are: {', '.join(KINDS)}")
-    known = {k for keys in _RECIPE_KEYS.values() for k in keys}
+    known = {k for keys in _RECIPE_KEYS.values() for k in keys} | set(_COUPLING_KEYS)
     unknown = set(overrides or {}) - known
     if unknown:
         raise KeyError(f"unknown recipe setting(s) {sorted(unknown)}; valid: {sorted(known)}")
@@ -108,8 +111,7 @@ def recipe_of(kind: str, settings: dict) -> dict:
     how far training gets depends on the device, so the recipe names it."""
     out = {k: settings[k] for k in _RECIPE_KEYS[kind]}
     if kind == "2-rf-distilled":  # how the coupling is made and stored
-        out["fp16_pairs"] = settings["fp16_pairs"]
-        out["sample_bf16"] = settings["sample_bf16"]
+        out.update({k: settings[k] for k in _COUPLING_KEYS})
     if out["image_seconds"] is not None:
         out["device"] = torch.device(settings["device"]).type
     return out

@@ -212,6 +212,14 @@ def test_chapter_05_in_a_chain_asks_for_the_generators_its_source_chapters_train
     )
     # a setting the sources share, changed for one of them: the others cannot be found
     assert rc.source_generator_overrides("gpu", {"01": {"batch": 16}}, False)[1] == ["ect", "dmd2"]
+    # how 2-RF's pairs are sampled and stored is part of its recipe: 05 follows it, and the
+    # others do not depend on it
+    for given in ({"all": {"sample_bf16": False}}, {"01": {"fp16_pairs": False}}):
+        found, retrain = rc.source_generator_overrides("gpu", given, False)
+        assert retrain == [] and set(found) == set(next(iter(given.values())))
+        assert generators.recipe("2-rf-distilled", "gpu", 1.0, found) == generators.recipe_of(
+            "2-rf-distilled", profiles.resolve("rectified_flow", "gpu", overrides=found)
+        )
     dry, retrain = rc.source_generator_overrides("paper", {}, True)
     assert retrain == [] and max(v for k, v in dry.items() if k.endswith("steps")) <= 3
 

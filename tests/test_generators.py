@@ -108,3 +108,12 @@ def test_one_step_is_differentiable_in_z(teacher_and_data):
 def test_unknown_kind():
     with pytest.raises(ValueError, match="valid kinds"):
         generators.recipe("gan", "ci")
+    with pytest.raises(KeyError, match="unknown recipe setting"):
+        generators.recipe("ect", "ci", overrides={"ect_step": 3})
+    # a coupling setting is known to every kind and changes only 2-RF's recipe
+    assert generators.recipe("ect", "ci", overrides={"fp16_pairs": False}) == generators.recipe(
+        "ect", "ci"
+    )
+    assert not generators.recipe("2-rf-distilled", "ci", overrides={"fp16_pairs": False})[
+        "fp16_pairs"
+    ]
