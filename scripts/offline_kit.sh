@@ -25,8 +25,8 @@ for p in manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014 manylinux1; 
 done
 common=(--only-binary=:all: --python-version "$PYVER" --implementation cp "${platforms[@]}"
         --dest "$KIT/wheels")
-echo "+ pip download papermill ipykernel diffusers (with their dependencies) for Python $PYVER"
-"$PY" -m pip download -q "${common[@]}" papermill ipykernel diffusers
+echo "+ pip download papermill ipykernel psutil diffusers (with their dependencies) for Python $PYVER"
+"$PY" -m pip download -q "${common[@]}" papermill ipykernel psutil diffusers
 echo "+ pip download torch-fidelity (its dependencies are torch, torchvision, numpy, ...)"
 "$PY" -m pip download -q "${common[@]}" --no-deps torch-fidelity
 # what the node brings: drop those wheels (offline_run.sh also skips any installed package);

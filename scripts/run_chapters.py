@@ -201,7 +201,8 @@ def _relative_paths(target: Path, notebook: Path) -> None:
     nb = json.loads(target.read_text())
     meta = nb.get("metadata", {}).get("papermill", {})
     if meta:
-        meta["input_path"] = str(notebook.relative_to(ROOT))
+        inside = notebook.is_relative_to(ROOT)
+        meta["input_path"] = str(notebook.relative_to(ROOT) if inside else notebook.name)
         meta["output_path"] = target.name
         target.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
 
@@ -233,6 +234,46 @@ def write_summary(out: Path, profile: str, summary: list[dict], wall_s: float) -
     (out / "chapters.json").write_text(json.dumps(record, indent=1))
 
 
+def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """Stop papermill and every process it started, the kernel included. jupyter_client starts
+    the kernel in a session of its own, so stopping papermill's process group alone would
+    leave the kernel running (on the GPU, writing to the cache) while the next chapter starts:
+    the process tree is collected first, then asked to end, then killed after ``grace`` s."""
+    try:
+        import psutil  # in the book and dev extras and in the offline kit
+    except ImportError:  # without it, papermill's process group only (the kernel may outlive it)
+        psutil = None
+    tree = []
+    if psutil is not None:
+        try:
+            root = psutil.Process(proc.pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    for p in tree:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    if psutil is not None:
+        _, alive = psutil.wait_procs(tree, timeout=grace)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+    try:
+        proc.wait(timeout=grace if psutil is None else 5)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def run_chapter(
     notebook: Path, out: Path, env: dict, budget: float, parameters: dict, log_output: bool
 ) -> dict:
@@ -254,17 +295,15 @@ def run_chapter(
         if rc != 0:
             status, message = "failed", f"papermill exited with status {rc} (see the notebook)"
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)  # papermill and the kernel it started
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop(proc)
         status = "over budget"
         message = (
             f"stopped after {budget:.0f} s, its budget at this profile; the notebook holds the "
             "cells that finished. Shrink its settings (overrides) or raise --budget-scale."
         )
+    except BaseException:  # the runner itself is stopped (Ctrl-C, SIGTERM): so is the chapter
+        stop(proc)
+        raise
     wall = time.perf_counter() - start
     if target.exists():
         _relative_paths(target, notebook)
@@ -407,5 +446,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(r["status"] == "ok" for r in summary) else 1
 
 
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through run_chapter, which stops the chapter
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _terminated)  # `timeout`, a job scheduler
     raise SystemExit(main())

@@ -100,6 +100,50 @@ def test_offline_run_unpacks_the_exported_zips_and_refuses_a_wrong_layout(tmp_pa
     assert back.class_names == CLASSES[:3] and torch.equal(back.images, images[[0, 3, 1, 4, 2, 5]])
 
 
+def test_offline_run_hands_the_chapters_absolute_paths(tmp_path):
+    """Called from elsewhere with relative paths, the kernels (which run in the checkout) must
+    still find the weights, data, wheels, cache and output: every path they get is absolute."""
+    import torch
+
+    from osdlib import data
+
+    kit, zips = tmp_path / "kit", tmp_path / "zips"
+    (kit / "wheels").mkdir(parents=True)
+    (kit / "wheels" / "torch-0-py3-none-any.whl").write_bytes(b"")  # installed already
+    (kit / "inception-fp16.pth").write_bytes(b"")
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    d = data.ImageData("cifar10", images, torch.tensor([0, 1, 2]), CLASSES[:3])
+    data.write_class_zip(d, zips / "train.zip", progress=False)
+    # a Python that shows what run_chapters.py would be given, and runs everything else
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/bin/bash\n"
+        'case "$1" in *run_chapters.py) shift; echo "ARGS $*"; '
+        "for v in OSD_DATA_DIR OSD_INCEPTION_WEIGHTS OSD_CACHE_DIR PYTHONPATH; "
+        'do echo "$v=${!v}"; done; exit 0;; esac\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "OSD_WORK_DIR": "work", "OSD_CACHE_DIR": "cache"}
+    env.pop("PYTHONPATH", None)
+    script = ROOT / "scripts" / "offline_run.sh"
+    out = subprocess.run(
+        ["bash", str(script), "kit", "zips", "out"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+    paths = [*lines["PYTHONPATH"].split(":"), *(lines[v] for v in lines if v != "PYTHONPATH")]
+    (args,) = [line for line in out.stdout.splitlines() if line.startswith("ARGS ")]
+    paths.append(args.split("--out ")[1].split()[0])
+    assert all(Path(p).is_absolute() for p in paths), paths
+    assert all(Path(p).exists() for p in paths[-4:]), paths  # data, weights, cache, out
+    assert lines["OSD_CACHE_DIR"] == str(tmp_path / "cache")
+
+
 def test_a_chapter_that_cannot_finish_before_the_deadline_is_not_started(tmp_path):
     out = _run("--profile", "ci", "--chapters", "00", "--deadline", "5", "--out", str(tmp_path))
     (chapter,) = json.loads((tmp_path / "chapters.json").read_text())["metrics"]["chapters"]
@@ -119,6 +163,97 @@ def test_a_chapter_that_cannot_finish_before_the_deadline_is_not_started(tmp_pat
         ("00_foundations", "ok"),
         ("01_rectified_flow", "ok"),
     ]
+
+
+def _sleeper(folder: Path) -> tuple[Path, Path]:
+    """A notebook whose kernel writes its process id to a file, then sleeps for a minute."""
+    import nbformat
+
+    pid_file = folder / "kernel.pid"
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    nb.cells = [
+        nbformat.v4.new_code_cell(
+            f"import os, pathlib\npathlib.Path({str(pid_file)!r}).write_text(str(os.getpid()))"
+        ),
+        nbformat.v4.new_code_cell("import time\ntime.sleep(60)"),
+    ]
+    path = folder / "99_sleeper.ipynb"
+    nbformat.write(nb, path)
+    return path, pid_file
+
+
+def _gone(pid: int, wait: float = 5.0) -> bool:
+    import time
+
+    import psutil
+
+    end = time.time() + wait
+    while time.time() < end:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_a_chapter_over_budget_is_stopped_with_its_kernel(tmp_path):
+    notebook, pid_file = _sleeper(tmp_path)
+    (tmp_path / "out").mkdir()
+    env = dict(os.environ, OSD_PROGRESS="0")
+    result = _script().run_chapter(notebook, tmp_path / "out", env, 15.0, {}, False)
+    assert result["status"] == "over budget" and result["wall_s"] < 45
+    # the kernel runs in a session of its own: stopping papermill alone would leave it running
+    # (a recent ipykernel ends itself a few seconds after its parent; an older one does not)
+    assert pid_file.exists() and _gone(int(pid_file.read_text()), wait=1.0)
+
+
+def test_stop_reaches_a_process_in_a_session_of_its_own(tmp_path):
+    """As jupyter_client starts a kernel: papermill's process group does not hold it."""
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    code = (
+        "import subprocess, sys, time, pathlib; "
+        "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
+        "start_new_session=True); "
+        f"pathlib.Path({str(pid_file)!r}).write_text(str(c.pid)); time.sleep(120)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    end = time.time() + 20
+    while not pid_file.exists() and time.time() < end:
+        time.sleep(0.1)
+    _script().stop(proc, grace=5.0)
+    assert proc.returncode is not None and _gone(int(pid_file.read_text()), wait=1.0)
+
+
+def test_a_stopped_runner_stops_its_chapter(tmp_path):
+    import signal
+    import time
+
+    notebook, pid_file = _sleeper(tmp_path)
+    (tmp_path / "out").mkdir()
+    code = (
+        "import os, signal, sys; sys.path.insert(0, sys.argv[1]); import run_chapters as rc; "
+        "signal.signal(signal.SIGTERM, rc._terminated); from pathlib import Path; "
+        "rc.run_chapter(Path(sys.argv[2]), Path(sys.argv[3]), dict(os.environ), 300.0, {}, False)"
+    )
+    runner = subprocess.Popen(
+        [sys.executable, "-c", code, str(SCRIPT.parent), str(notebook), str(tmp_path / "out")]
+    )
+    end = time.time() + 60
+    while not pid_file.exists() and time.time() < end:
+        time.sleep(0.2)
+    assert pid_file.exists(), "the kernel did not start"
+    runner.send_signal(signal.SIGTERM)
+    assert runner.wait(timeout=40) == 128 + signal.SIGTERM
+    assert _gone(int(pid_file.read_text()))
 
 
 def test_preflight_asks_for_fid_weights_only_when_fid_runs(tmp_path, monkeypatch):
