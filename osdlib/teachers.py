@@ -311,7 +311,10 @@ def teacher_spec(settings: dict) -> dict:
         "seed",
         "image_seconds",  # a wall-clock cap changes what is trained
     )
-    return {k: settings.get(k) for k in keys}
+    spec = {k: settings.get(k) for k in keys}
+    if spec["image_seconds"] is not None:  # under a cap, how far training gets: the device
+        spec["device"] = torch.device(settings.get("device", "cpu")).type
+    return spec
 
 
 def _key(spec: dict) -> str:

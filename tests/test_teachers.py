@@ -90,6 +90,18 @@ def test_get_teacher_trains_once_then_loads(tmp_path):
     assert out.x.shape == (4, 1, 8, 8) and out.nfe == 2
 
 
+def test_teacher_key_names_the_device_only_under_a_time_cap():
+    """A teacher trained for 90 s on a CPU is not the one a GPU trains in 90 s: a run that
+    falls back to the CPU must not fill the cache a GPU run then loads from."""
+    gpu = profiles.resolve("foundations", "gpu")
+    keys = {d: teachers._key(teachers.teacher_spec({**gpu, "device": d})) for d in ("cpu", "cuda")}
+    assert gpu["image_seconds"] is not None and keys["cpu"] != keys["cuda"]
+    assert teachers._key(teachers.teacher_spec({**gpu, "device": "cuda:1"})) == keys["cuda"]
+    book = profiles.resolve("foundations", "book")
+    spec = teachers.teacher_spec(book)  # no cap: the same teacher wherever it trains
+    assert "device" not in spec and spec == teachers.teacher_spec({**book, "device": "cuda"})
+
+
 def test_flow_teacher_conversions_agree():
     net = nets.build("mlp-2d", (2,))
     t = teachers.FlowTeacher(net, (2,))
