@@ -13,6 +13,7 @@ Datasets live under ``$OSD_DATA_DIR`` (default ``~/.cache/osd/data``).
 from __future__ import annotations
 
 import glob
+import hashlib
 import math
 import os
 from collections.abc import Callable
@@ -186,6 +187,14 @@ class ImageData:
         kind = self.source.split(":", 1)[0]
         what = {"folder": "class-folder copy", "torchvision": "torchvision", "npz": "npz batches"}
         return f"{self.name} ({what.get(kind, self.source)}, {len(self)} images)"
+
+    def fingerprint(self) -> str:
+        """A short hash of the images' and labels' bytes: another copy of a data set unpacked
+        to the same place, with the same name and size, gets another fingerprint."""
+        h = hashlib.sha1()
+        for t in (self.images, self.labels):
+            h.update(memoryview(t.detach().cpu().contiguous().numpy()).cast("B"))
+        return h.hexdigest()[:12]
 
     @property
     def num_classes(self) -> int:

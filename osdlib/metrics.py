@@ -406,7 +406,7 @@ def fid(
     """FID between ``samples`` ([-1, 1] floats or uint8) and ``reference``.
 
     With an :class:`ImageData` reference, its statistics are cached by default (under a name
-    made of the data set's name, size and source); ``reference_size`` uses a fixed random
+    made of the data set's name, size, source and a hash of its images); ``reference_size`` uses a fixed random
     subset of that many images instead of all of them (a smaller, cheaper reference, e.g. for
     a dry run on a CPU).
 
@@ -426,7 +426,8 @@ def fid(
         if reference_size is not None and reference_size < len(images):
             images = images[reference_subset(len(images), reference_size)]
         if cache_name is None:
-            tag = hashlib.sha1(f"{reference.source}|{len(reference)}".encode()).hexdigest()[:8]
+            what = f"{reference.source}|{len(reference)}|{reference.fingerprint()}"
+            tag = hashlib.sha1(what.encode()).hexdigest()[:8]
             cache_name = f"osd-{reference.name}-{len(images)}-{tag}"
         reference = images
     ref = reference if isinstance(reference, str) else _UInt8Images(reference)

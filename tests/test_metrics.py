@@ -98,7 +98,7 @@ def test_fid_label():
     assert metrics.fid_label(200) == "FID (200)"
 
 
-def test_fid_pipeline_with_a_registered_feature_extractor():
+def test_fid_pipeline_with_a_registered_feature_extractor(tmp_path, monkeypatch):
     """The real torch-fidelity path (uint8 rounding, datasets, statistics) with a tiny
     extractor registered for the test, since Inception weights cannot be downloaded here."""
     import torch_fidelity
@@ -133,6 +133,7 @@ def test_fid_pipeline_with_a_registered_feature_extractor():
         torch_fidelity.register_feature_extractor("osd-test-stats", MeanColour)
     except Exception:
         pass  # already registered in this process
+    monkeypatch.setenv("OSD_CACHE_DIR", str(tmp_path))  # reference statistics land here
     g = torch.Generator().manual_seed(0)
     a = torch.rand(64, 3, 8, 8, generator=g) * 2 - 1
     b = torch.rand(64, 3, 8, 8, generator=g) * 2 - 1
@@ -141,6 +142,18 @@ def test_fid_pipeline_with_a_registered_feature_extractor():
     same = metrics.fid(a, b, **kw)
     shifted = metrics.fid((a * 0.5 + 0.4), b, **kw)
     assert 0 < same < shifted
+    # an ImageData reference's statistics are cached under its name, size, source and
+    # content: another copy unpacked to the same place (same name, size and source) is not
+    # mistaken for the first
+    from osdlib.data import ImageData
+
+    u8 = lambda x: ((x + 1) * 127.5).round().to(torch.uint8)  # noqa: E731
+    first = ImageData("cifar10", u8(b), torch.zeros(64), source="folder:/data/train")
+    other = ImageData("cifar10", u8(a), torch.zeros(64), source="folder:/data/train")
+    assert first.fingerprint() != other.fingerprint()
+    assert first.fingerprint() == ImageData("x", u8(b).clone(), torch.zeros(64)).fingerprint()
+    assert metrics.fid(a, first, **kw) == pytest.approx(same, rel=1e-4)
+    assert metrics.fid(a, other, **kw) == pytest.approx(0.0, abs=1e-3)
 
 
 def test_fid_without_weights_says_what_to_do(tmp_path):
