@@ -5,9 +5,11 @@ chapters (ReNO in 05) use those generators frozen. :func:`get` returns one of
 them, ``G(z, y) -> x`` in one network call, trained with the recipe and settings of the
 chapter that teaches it (its profile's step counts, times ``scale``; each training run capped
 as that chapter caps it, or by ``max_seconds``) and kept in
-``$OSD_CACHE_DIR/generators/<kind>-<key>/``. The key covers the teacher, the seed and every
-setting of the recipe (with a time cap, the device too), so a different profile or scale
-never loads the wrong network; it does not make training bit-reproducible (a network
+``$OSD_CACHE_DIR/generators/<kind>-<key>/``. The key covers the teacher's settings, the seed
+and every setting of the recipe (with a time cap, the device too), so a different profile or
+scale never loads the wrong network, and each entry records a digest of the teacher's weights,
+so a teacher trained again under the same settings (other images, changed code) has its
+generators made again; it does not make training bit-reproducible (a network
 initialised from the global random state, such as DMD2's discriminator head, depends on
 what ran before). The chapters that teach a kind store the generator they trained with
 :func:`put`, under the key :func:`get` computes for the same recipe: after them at the same
@@ -38,7 +40,7 @@ from torch import Tensor, nn
 
 from . import nets, profiles
 from .teachers import _key as teacher_key
-from .teachers import cache_dir, teacher_spec
+from .teachers import cache_dir, cached_digest, teacher_spec, weights_digest
 
 KINDS = {
     "2-rf-distilled": ("rectified_flow", "distilled 2-RF (ch. 01)"),
@@ -177,9 +179,9 @@ def put(
     if kind not in KINDS:
         raise ValueError(f"unknown generator {kind!r}; valid kinds are: {', '.join(KINDS)}")
     s = spec(kind, teacher_settings, recipe_of(kind, settings), settings["seed"])
-    _store(
-        _folder(s, root), _net_of(kind, runs[-1]), {**_info(runs), "made_by": chapter, "spec": s}
-    )
+    info = {**_info(runs), "made_by": chapter, "spec": s}
+    info["teacher_digest"] = cached_digest(teacher_settings, root)  # which teacher it came from
+    _store(_folder(s, root), _net_of(kind, runs[-1]), info)
 
 
 def get(
@@ -211,13 +213,22 @@ def get(
     folder = _folder(s, root)
     weights = folder / "generator.safetensors"
     net = nets.build(teacher_settings["image_net"], images.shape, images.num_classes)
+    digest = weights_digest(teacher.net)
+    info = None
     if weights.exists() and not retrain:
+        info = json.loads((folder / "info.json").read_text())
+        # the key names the teacher's settings; a teacher trained again under them (other
+        # images, changed code) is another teacher, and its generators must be made again
+        if info.get("teacher_digest") not in (None, digest):
+            print(f"the cached {kind} in {folder} was distilled from another teacher: training it")
+            info = None
+    if info is not None:
         load_weights(net, weights)
-        info = json.loads((folder / "info.json").read_text()) | {"trained_now": False}
+        info["trained_now"] = False
     else:
         net, info = _train(kind, teacher, r, images, s["seed"], device, progress)
         info["made_by"] = f"osdlib.generators ({KINDS[kind][0]} recipe)"
-        _store(folder, net, {**info, "spec": s})
+        _store(folder, net, {**info, "spec": s, "teacher_digest": digest})
         info["trained_now"] = True
     info["path"] = str(weights)
     G = OneStep(net, kind).to(device).eval().requires_grad_(False)

@@ -617,14 +617,19 @@ def get_classifier(
     steps, seed = settings["classifier_steps"], CLASSIFIER_SEED
     folder = Path(root or cache_dir()) / "classifiers" / f"{data.name}-{len(data)}-{steps}-{seed}"
     weights = folder / "classifier.safetensors"
+    fingerprint = data.fingerprint()
     if weights.exists() and not retrain:
-        width = 32 if data.shape[-1] <= 16 else 64
-        clf = load_weights(SmallClassifier(data.shape[0], data.num_classes, width=width), weights)
         info = json.loads((folder / "info.json").read_text())
-        return clf.to(settings.get("device", "cpu")).eval(), {**info, "trained_now": False}
+        if info.get("data", fingerprint) == fingerprint:  # the key names the data set only
+            width = 32 if data.shape[-1] <= 16 else 64
+            net = SmallClassifier(data.shape[0], data.num_classes, width=width)
+            clf = load_weights(net, weights)
+            return clf.to(settings.get("device", "cpu")).eval(), {**info, "trained_now": False}
+        print(f"the cached classifier in {folder} was trained on other images: training it again")
     clf, info = train_classifier(
         data, steps, seed=seed, device=settings.get("device", "cpu"), progress=progress
     )
+    info["data"] = fingerprint
     save_weights(clf, weights)
     (folder / "info.json").write_text(json.dumps(info))
     return clf, {**info, "trained_now": True}

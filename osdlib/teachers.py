@@ -317,6 +317,26 @@ def teacher_spec(settings: dict) -> dict:
     return spec
 
 
+def weights_digest(net: torch.nn.Module) -> str:
+    """A short hash of a network's parameters and buffers (their names and bytes): which
+    teacher a cached generator was distilled from."""
+    h = hashlib.sha1()
+    for name, t in sorted(net.state_dict().items()):
+        h.update(name.encode())
+        h.update(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()[:12]
+
+
+def cached_digest(settings: dict, root: str | Path | None = None) -> str | None:
+    """The :func:`weights_digest` of the chapter-00 teacher cached for ``settings`` (None
+    when there is none, or it was cached before teachers recorded it)."""
+    info = Path(root or cache_dir()) / "teachers" / _key(teacher_spec(settings)) / "info.json"
+    try:
+        return json.loads(info.read_text()).get("digest")
+    except (OSError, ValueError):
+        return None
+
+
 def _key(spec: dict) -> str:
     blob = json.dumps(spec, sort_keys=True).encode()
     return f"{spec['image_data']}-{spec['image_net']}-{hashlib.sha1(blob).hexdigest()[:10]}"
@@ -350,12 +370,22 @@ def get_teacher(
         torch.manual_seed(spec["seed"])
         net = nets.build(spec["image_net"], data.shape, data.num_classes)
     weights = folder / "teacher.safetensors"
+    fingerprint = data.fingerprint()
+    info = None
     if weights.exists() and not retrain:
-        load_weights(net, weights)
         info = json.loads((folder / "info.json").read_text())
+        if info.get("data", fingerprint) != fingerprint:  # the key names the data set only
+            print(
+                f"the cached teacher in {folder} was trained on other images than these "
+                f"({info['data']} against {fingerprint}): training it again"
+            )
+            info = None
+    if info is not None:
+        load_weights(net, weights)
         info["trained_now"] = False
     else:
         net, info = flow_matching.train_image_teacher(net, data, settings, progress=progress)
+        info |= {"data": fingerprint, "digest": weights_digest(net)}
         save_weights(net, weights)
         (folder / "info.json").write_text(json.dumps({**info, "spec": spec}, indent=1))
         info["trained_now"] = True

@@ -1,4 +1,5 @@
 import copy
+import json
 
 import pytest
 import torch
@@ -95,6 +96,31 @@ def test_a_chapters_generator_is_what_get_loads(teacher_and_data, tmp_path):
     assert other["trained_now"]
     with pytest.raises(ValueError, match="valid kinds"):
         generators.put("gan", [run], chapter, settings, "chapter 04", root=tmp_path)
+
+
+def test_a_generator_of_another_teacher_is_made_again(tmp_path):
+    """The key holds the teacher's settings; a teacher trained again under them (other images,
+    changed code) is another network, and what was distilled from the old one is not loaded."""
+    settings = profiles.resolve("foundations", "ci", overrides={"image_steps": 5})
+    images = data.load(settings.image_data)
+    teacher, _ = teachers.get_teacher(settings, images, root=tmp_path, progress=False)
+    kw = dict(root=tmp_path, overrides={"ect_steps": 2, "batch": 4}, progress=False)
+    chapter = profiles.resolve("consistency", "ci", overrides=kw["overrides"])
+    G, info = generators.get("ect", teacher, settings, images, "ci", **kw)
+    assert info["trained_now"]
+    assert not generators.get("ect", teacher, settings, images, "ci", **kw)[1]["trained_now"]
+    # what a chapter puts names the cached teacher it was distilled from
+    run = type("Run", (), {"ema": type("E", (), {"net": G.net})(), "steps": 2, "wall_s": 0.1})
+    run.stopped_early = False
+    generators.put("ect", [run], chapter, settings, "chapter 02", root=tmp_path)
+    (folder,) = (tmp_path / "generators").iterdir()
+    stored = json.loads((folder / "info.json").read_text())["teacher_digest"]
+    assert stored == teachers.weights_digest(teacher.net)
+    # the same settings, another teacher: trained again
+    other = copy.deepcopy(teacher)
+    with torch.no_grad():
+        next(other.net.parameters()).add_(1e-3)
+    assert generators.get("ect", other, settings, images, "ci", **kw)[1]["trained_now"]
 
 
 def test_one_step_is_differentiable_in_z(teacher_and_data):

@@ -237,6 +237,10 @@ def test_classifier_is_the_same_ruler_for_every_seed(tmp_path):
     _, info0 = metrics.get_classifier(s0, images, root=tmp_path, progress=False)
     _, info1 = metrics.get_classifier(s1, images, root=tmp_path, progress=False)
     assert info0["trained_now"] and not info1["trained_now"]
+    # other images under the same name and size: trained again, not loaded
+    other = data.ImageData("digits", images.images.flip(-1), images.labels, images.class_names)
+    _, info2 = metrics.get_classifier(s0, other, root=tmp_path, progress=False)
+    assert info2["trained_now"] and info2["data"] == other.fingerprint() != info0["data"]
 
 
 def test_pooled_equals_the_statistics_of_all_values():

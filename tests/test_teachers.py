@@ -88,6 +88,16 @@ def test_get_teacher_trains_once_then_loads(tmp_path):
         assert torch.equal(t1.velocity(x, tt, y), t2.velocity(x, tt, y))
     out = t2.sample(4, steps=2, y=y)
     assert out.x.shape == (4, 1, 8, 8) and out.nfe == 2
+    assert info2["digest"] == teachers.weights_digest(t2.net) == teachers.cached_digest(s, tmp_path)
+    # the key names the data set, not its pictures: other images under the same name and size
+    # (another copy unpacked to the same place) train the teacher again instead of loading it
+    from osdlib import data
+
+    digits = data.load("digits")
+    other = data.ImageData("digits", digits.images.flip(-1), digits.labels, digits.class_names)
+    t3, info3 = teachers.get_teacher(s, other, root=tmp_path, progress=False)
+    assert info3["trained_now"] and info3["data"] == other.fingerprint() != info2["data"]
+    assert teachers.cached_digest(s, tmp_path) == teachers.weights_digest(t3.net) != info2["digest"]
 
 
 def test_teacher_key_names_the_device_only_under_a_time_cap():
