@@ -1,4 +1,4 @@
-"""How strong chapter 05's held-out judge is: an MLP on pixels, trained as the chapter trains it.
+"""How strong chapter 05's held-out judge is: an MLP on pixels, with the chapter's recipe.
 
     python benchmarks/judge_strength.py --data DIR/train --steps 1500 4000 \\
         --label "CIFAR-10 (JPEG copy)" --out results/benchmarks/judge-cifar10-<device>.json
@@ -8,7 +8,10 @@ on the flattened image (:class:`osdlib.nets.MLPClassifier`, seed = chapter seed 
 with :func:`osdlib.metrics.train_classifier` and scored on the 20% of the images it held out.
 How much its verdicts mean depends on how well it classifies real images, which this script
 measures for each number of training steps given (``--steps``; the chapter's `gpu` profile
-trains it for ``heldout_steps`` = 1500). ``--data`` is a class-folder copy of CIFAR-10's
+trains it for ``heldout_steps`` = 1500). The global random generator, from which the MLP's
+dropout draws, is seeded with ``--seed`` before each training here; in the chapter it is
+wherever the cells before have left it, so the chapter's judge is a draw of the same recipe,
+not this network. ``--data`` is a class-folder copy of CIFAR-10's
 training set (``DIR/train/<class>/*``); without it, the 8x8 digits of the `book` profile.
 """
 

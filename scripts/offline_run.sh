@@ -24,8 +24,8 @@ PY=${PYTHON:-python3}
 WORK=${OSD_WORK_DIR:-$(mktemp -d -t osd-offline-XXXXXX)}
 [ -d "$KIT/wheels" ] || { echo "no $KIT/wheels: make the kit with scripts/offline_kit.sh" >&2; exit 2; }
 # absolute paths: the chapters' kernels run in the checkout, not where this was called
-KIT=$(cd "$KIT" && pwd)
-mkdir -p "$WORK" && WORK=$(cd "$WORK" && pwd)
+KIT=$(CDPATH= cd -- "$KIT" && pwd)
+mkdir -p "$WORK" && WORK=$(CDPATH= cd -- "$WORK" && pwd)
 weights=$(ls "$KIT"/inception-*.pth 2>/dev/null | head -1 || true)
 [ -n "$weights" ] || { echo "no Inception weights in $KIT: make the kit with scripts/offline_kit.sh" >&2; exit 2; }
 
@@ -67,6 +67,6 @@ fi
 export OSD_DATA_DIR="$WORK/data" OSD_INCEPTION_WEIGHTS="$weights"
 export OSD_CACHE_DIR="${OSD_CACHE_DIR:-$WORK/cache}"
 mkdir -p "$OSD_CACHE_DIR" "$OUT"
-OSD_CACHE_DIR=$(cd "$OSD_CACHE_DIR" && pwd)
-OUT=$(cd "$OUT" && pwd)
+OSD_CACHE_DIR=$(CDPATH= cd -- "$OSD_CACHE_DIR" && pwd)
+OUT=$(CDPATH= cd -- "$OUT" && pwd)
 exec "$PY" "$HERE/scripts/run_chapters.py" --profile gpu --out "$OUT" "$@"

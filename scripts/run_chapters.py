@@ -158,24 +158,35 @@ def source_generator_overrides(profile: str, given: dict, dry_run: bool) -> tupl
     finds the generators they stored. One dict serves every kind, so a setting two source
     chapters share (``batch``) must agree; returns (overrides, kinds that 05 would still
     have to retrain because it does not)."""
+    import torch
+
     from osdlib import generators, profiles
 
     numbers = {nb.stem[3:]: nb.name[:2] for nb in chapters(None)}
-    ran_with, merged = {}, {}
-    for kind, (chapter, _) in generators.KINDS.items():
+
+    def settings_of(chapter: str) -> dict:
         ov = chapter_overrides(chapter, profile, given, dry_run)
         ov.update(given.get(numbers[chapter], {}))
-        ran_with[kind] = profiles.resolve(chapter, profile, overrides=ov)
+        return ov, profiles.resolve(chapter, profile, overrides=ov)
+
+    ran_with, merged = {}, {}
+    for kind, (chapter, _) in generators.KINDS.items():
+        ov, ran_with[kind] = settings_of(chapter)
         default = profiles.resolve(chapter, profile)
         for key in generators.recipe_of(kind, ran_with[kind]):
-            if key in ov and ran_with[kind][key] != default[key]:
+            # under a time cap the recipe names the device; chapter 05 names its own
+            if key != "device" and key in ov and ran_with[kind][key] != default[key]:
                 merged[key] = ran_with[kind][key]
-    retrain = [
-        kind
-        for kind in generators.KINDS
-        if generators.recipe(kind, profile, 1.0, merged)
-        != generators.recipe_of(kind, ran_with[kind])
-    ]
+    device_05 = profiles.resolve("reno", profile)["device"]  # (its overrides would recurse)
+    for part in ("all", numbers["reno"]):
+        device_05 = given.get(part, {}).get("device", device_05)
+    device_05 = torch.device(device_05).type
+
+    def asked(kind: str) -> dict:
+        r = generators.recipe(kind, profile, 1.0, merged)
+        return r | {"device": device_05} if "device" in r else r
+
+    retrain = [k for k in generators.KINDS if asked(k) != generators.recipe_of(k, ran_with[k])]
     return merged, retrain
 
 
@@ -238,40 +249,47 @@ def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
     """Stop papermill and every process it started, the kernel included. jupyter_client starts
     the kernel in a session of its own, so stopping papermill's process group alone would
     leave the kernel running (on the GPU, writing to the cache) while the next chapter starts:
-    the process tree is collected first, then asked to end, then killed after ``grace`` s."""
+    the process tree is collected first, then asked to end, then killed after ``grace`` s.
+    Papermill itself is this process's child and is waited for with ``proc.wait`` (its exit
+    status stays in ``proc.returncode``), the rest with psutil."""
     try:
         import psutil  # in the book and dev extras and in the offline kit
-    except ImportError:  # without it, papermill's process group only (the kernel may outlive it)
+    except ImportError:
         psutil = None
-    tree = []
+        print(
+            "psutil is missing: only papermill's process group is stopped, and the kernel may "
+            "outlive it (pip install psutil)",
+            file=sys.stderr,
+            flush=True,
+        )
+    rest = []
     if psutil is not None:
         try:
-            root = psutil.Process(proc.pid)
-            tree = [root, *root.children(recursive=True)]
+            rest = psutil.Process(proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             pass
     try:
         os.killpg(proc.pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
-    for p in tree:
+    for p in rest:
         try:
             p.terminate()
         except psutil.NoSuchProcess:
             pass
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     if psutil is not None:
-        _, alive = psutil.wait_procs(tree, timeout=grace)
+        _, alive = psutil.wait_procs(rest, timeout=grace)
         for p in alive:
             try:
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(alive, timeout=5)
-    try:
-        proc.wait(timeout=grace if psutil is None else 5)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def run_chapter(
@@ -447,9 +465,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _terminated(signum, frame):
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # a second signal must not cut the cleanup short
+        signal.signal(sig, signal.SIG_IGN)
     raise SystemExit(128 + signum)  # unwinds through run_chapter, which stops the chapter
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _terminated)  # `timeout`, a job scheduler
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # `timeout`, a job scheduler, a closed terminal
+        signal.signal(sig, _terminated)
     raise SystemExit(main())
