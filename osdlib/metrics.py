@@ -406,9 +406,9 @@ def fid(
     """FID between ``samples`` ([-1, 1] floats or uint8) and ``reference``.
 
     With an :class:`ImageData` reference, its statistics are cached by default (under a name
-    made of the data set's name, size, source and a hash of its images); ``reference_size`` uses a fixed random
-    subset of that many images instead of all of them (a smaller, cheaper reference, e.g. for
-    a dry run on a CPU).
+    made of the data set's name, size, source and a hash of its images); ``reference_size``
+    uses a fixed random subset of that many images instead of all of them (a smaller, cheaper
+    reference, e.g. for a dry run on a CPU).
 
     ``reference`` is an :class:`ImageData`, a uint8 tensor, or the name of a torch-fidelity
     registered dataset (``"cifar10-train"``, downloaded by torch-fidelity). With
