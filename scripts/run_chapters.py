@@ -164,7 +164,7 @@ def source_generator_overrides(profile: str, given: dict, dry_run: bool) -> tupl
 
     numbers = {nb.stem[3:]: nb.name[:2] for nb in chapters(None)}
 
-    def settings_of(chapter: str) -> dict:
+    def settings_of(chapter: str) -> tuple[dict, dict]:
         ov = chapter_overrides(chapter, profile, given, dry_run)
         ov.update(given.get(numbers[chapter], {}))
         return ov, profiles.resolve(chapter, profile, overrides=ov)
