@@ -153,6 +153,16 @@ def data_dir() -> Path:
     return Path(os.environ.get("OSD_DATA_DIR", Path.home() / ".cache" / "osd" / "data"))
 
 
+def digest(tensors: dict[str, Tensor]) -> str:
+    """A short hash of named tensors (names and bytes, in name order): what a cache entry was
+    made from (a data set's images, a teacher's weights)."""
+    h = hashlib.sha1()
+    for name, t in sorted(tensors.items()):
+        h.update(name.encode())
+        h.update(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()[:12]
+
+
 @dataclass
 class ImageData:
     """Images with labels.
@@ -191,10 +201,7 @@ class ImageData:
     def fingerprint(self) -> str:
         """A short hash of the images' and labels' bytes: another copy of a data set unpacked
         to the same place, with the same name and size, gets another fingerprint."""
-        h = hashlib.sha1()
-        for t in (self.images, self.labels):
-            h.update(memoryview(t.detach().cpu().contiguous().numpy()).cast("B"))
-        return h.hexdigest()[:12]
+        return digest({"images": self.images, "labels": self.labels})
 
     @property
     def num_classes(self) -> int:

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from . import nets, profiles
 from .teachers import _key as teacher_key
-from .teachers import cache_dir, cached_digest, teacher_spec, weights_digest
+from .teachers import cache_dir, cached_digest, cached_info, teacher_spec, weights_digest
 
 KINDS = {
     "2-rf-distilled": ("rectified_flow", "distilled 2-RF (ch. 01)"),
@@ -214,14 +214,9 @@ def get(
     weights = folder / "generator.safetensors"
     net = nets.build(teacher_settings["image_net"], images.shape, images.num_classes)
     digest = weights_digest(teacher.net)
-    info = None
-    if weights.exists() and not retrain:
-        info = json.loads((folder / "info.json").read_text())
-        # the key names the teacher's settings; a teacher trained again under them (other
-        # images, changed code) is another teacher, and its generators must be made again
-        if info.get("teacher_digest") not in (None, digest):
-            print(f"the cached {kind} in {folder} was distilled from another teacher: training it")
-            info = None
+    # the key names the teacher's settings; a teacher trained again under them (other images,
+    # changed code) is another teacher, and its generators must be made again
+    info = None if retrain else cached_info(weights, "teacher_digest", digest, kind)
     if info is not None:
         load_weights(net, weights)
         info["trained_now"] = False

@@ -611,21 +611,18 @@ def get_classifier(
     are then measured with the same ruler, and their spread is the models', not the ruler's.
     """
     from .nets import SmallClassifier
-    from .teachers import cache_dir
+    from .teachers import cache_dir, cached_info
     from .train import load_weights, save_weights
 
     steps, seed = settings["classifier_steps"], CLASSIFIER_SEED
     folder = Path(root or cache_dir()) / "classifiers" / f"{data.name}-{len(data)}-{steps}-{seed}"
     weights = folder / "classifier.safetensors"
     fingerprint = data.fingerprint()
-    if weights.exists() and not retrain:
-        info = json.loads((folder / "info.json").read_text())
-        if info.get("data", fingerprint) == fingerprint:  # the key names the data set only
-            width = 32 if data.shape[-1] <= 16 else 64
-            net = SmallClassifier(data.shape[0], data.num_classes, width=width)
-            clf = load_weights(net, weights)
-            return clf.to(settings.get("device", "cpu")).eval(), {**info, "trained_now": False}
-        print(f"the cached classifier in {folder} was trained on other images: training it again")
+    info = None if retrain else cached_info(weights, "data", fingerprint, "classifier")
+    if info is not None:
+        width = 32 if data.shape[-1] <= 16 else 64
+        clf = load_weights(SmallClassifier(data.shape[0], data.num_classes, width=width), weights)
+        return clf.to(settings.get("device", "cpu")).eval(), {**info, "trained_now": False}
     clf, info = train_classifier(
         data, steps, seed=seed, device=settings.get("device", "cpu"), progress=progress
     )

@@ -318,13 +318,28 @@ def teacher_spec(settings: dict) -> dict:
 
 
 def weights_digest(net: torch.nn.Module) -> str:
-    """A short hash of a network's parameters and buffers (their names and bytes): which
-    teacher a cached generator was distilled from."""
-    h = hashlib.sha1()
-    for name, t in sorted(net.state_dict().items()):
-        h.update(name.encode())
-        h.update(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
-    return h.hexdigest()[:12]
+    """A short hash of a network's parameters and buffers: which teacher a cached generator
+    was distilled from."""
+    from .data import digest
+
+    return digest(net.state_dict())
+
+
+def cached_info(weights: Path, stamp: str, value: str, what: str) -> dict | None:
+    """The ``info.json`` beside a cache entry's ``weights``, or None when there are no weights
+    or the entry records another ``stamp`` than ``value`` (then it says so). A cache key names
+    the settings that made a network; the stamp, what they were applied to (the images, the
+    teacher), which the key does not name. Entries without a stamp load."""
+    if not weights.exists():
+        return None
+    info = json.loads((weights.parent / "info.json").read_text())
+    if info.get(stamp) not in (None, value):  # None: not recorded
+        print(
+            f"the cached {what} in {weights.parent} was made from another {stamp} "
+            f"({info[stamp]} against {value}): training it again"
+        )
+        return None
+    return info
 
 
 def cached_digest(settings: dict, root: str | Path | None = None) -> str | None:
@@ -371,15 +386,7 @@ def get_teacher(
         net = nets.build(spec["image_net"], data.shape, data.num_classes)
     weights = folder / "teacher.safetensors"
     fingerprint = data.fingerprint()
-    info = None
-    if weights.exists() and not retrain:
-        info = json.loads((folder / "info.json").read_text())
-        if info.get("data", fingerprint) != fingerprint:  # the key names the data set only
-            print(
-                f"the cached teacher in {folder} was trained on other images than these "
-                f"({info['data']} against {fingerprint}): training it again"
-            )
-            info = None
+    info = None if retrain else cached_info(weights, "data", fingerprint, "teacher")
     if info is not None:
         load_weights(net, weights)
         info["trained_now"] = False

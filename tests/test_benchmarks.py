@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "chapters.py"
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("bench_chapters", SCRIPT)
+def _script(path=SCRIPT, name="bench_chapters"):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -100,22 +100,13 @@ def test_quick_run_writes_a_complete_record(tmp_path):
     assert "| ch | profile |" in proc.stdout  # the markdown summary
 
 
-def _judge_strength():
-    spec = importlib.util.spec_from_file_location(
-        "bench_judge", ROOT / "benchmarks" / "judge_strength.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_judge_strength_on_digits_and_on_a_class_folder(tmp_path, capsys, monkeypatch):
     import numpy as np
     import pytest
     from PIL import Image
 
     monkeypatch.setenv("OSD_PROGRESS", "0")
-    judge = _judge_strength()
+    judge = _script(ROOT / "benchmarks" / "judge_strength.py", "bench_judge")
     # digits: an MLP on pixels learns them, far above chance (0.1)
     rec = judge.main(["--steps", "300", "--device", "cpu"])
     m = rec["metrics"]
